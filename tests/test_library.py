@@ -1,0 +1,82 @@
+"""Small pieces of the library: caching, layer access, truncation, data loading."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from safetybook import cache, display
+from safetybook.data import DataError, harmbench, read_prompt_file
+from safetybook.models import decoder_layers, residual
+
+
+def test_truncate_cuts_long_text_and_marks_it():
+    text = "one two three four five six seven eight"
+    assert display.truncate(text, words=3) == "one two three […]"
+    assert display.truncate("short answer") == "short answer"
+
+
+def test_residual_reads_tensor_or_tuple():
+    h = torch.ones(1, 2, 3)
+    assert residual(h) is h
+    assert residual((h, None)) is h
+
+
+def test_decoder_layers_found_in_tiny_model(tiny_model):
+    assert len(decoder_layers(tiny_model)) == 2
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "adapter"
+    with pytest.raises(RuntimeError):
+        with cache.atomic_dir(target) as tmp:
+            (tmp / "half.bin").write_text("partial")
+            raise RuntimeError("killed mid-way")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+    with cache.atomic_dir(target) as tmp:
+        (tmp / "ok.bin").write_text("done")
+    assert (target / "ok.bin").read_text() == "done"
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "x.json"
+    cache.write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        cache.write_json(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}, "a failed write must not clobber the old file"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_digest_changes_with_content():
+    assert cache.digest([1, 2]) == cache.digest([1, 2])
+    assert cache.digest([1, 2]) != cache.digest([2, 1])
+
+
+def test_read_prompt_file_text_and_jsonl(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("first prompt\n\n second prompt \n")
+    assert read_prompt_file(txt) == ["first prompt", "second prompt"]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "a"}\n{"prompt": "b", "label": "x"}\n')
+    assert read_prompt_file(jl) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "empty"), ('{"prompt": "a"}\n{"prompt": \n', "line 2"), ('{"text": "a"}\n', "line 1")],
+)
+def test_read_prompt_file_errors_name_the_problem(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_prompt_file(path)
+
+
+def test_harmbench_is_the_standard_subset():
+    rows = harmbench()
+    assert len(rows) == 199 or len(rows) == 200
+    assert len(set(rows)) == len(rows)
+    assert harmbench(limit=10) == harmbench(limit=10), "a sample must be fixed"
+    assert len(harmbench(limit=10)) == 10

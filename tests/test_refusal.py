@@ -1,0 +1,77 @@
+"""refusal_score: a probability, read from whole refusal openings, that agrees with generation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from safetybook.models import generate
+from safetybook.refusal import (
+    REFUSAL_OPENINGS,
+    answer_nll,
+    is_refusal_text,
+    opening_ids,
+    refusal_score,
+)
+from tests.conftest import ANSWER, COMPLY, REFUSE
+
+
+def test_openings_are_prefix_free(tok):
+    ids = opening_ids(tok)
+    assert len(ids) == len(REFUSAL_OPENINGS)
+    assert all(ids), "every opening must tokenize to at least one token"
+
+
+def test_score_agrees_with_greedy_generation(tiny_model, tok):
+    prompts = REFUSE + COMPLY
+    scores = refusal_score(tiny_model, tok, prompts)
+    texts = generate(tiny_model, tok, prompts, max_new_tokens=8)
+    for prompt, score, text in zip(prompts, scores, texts):
+        assert 0.0 <= score <= 1.0
+        assert (score > 0.5) == is_refusal_text(text), f"{prompt!r}: score {score:.3f} but generated {text!r}"
+    assert all(s > 0.9 for s in scores[: len(REFUSE)]), "the tiny model was taught to refuse these"
+    assert all(s < 0.1 for s in scores[len(REFUSE) :]), "the tiny model was taught to answer these"
+
+
+def test_score_does_not_depend_on_batching(tiny_model, tok):
+    prompts = REFUSE + COMPLY
+    one = refusal_score(tiny_model, tok, prompts, batch_size=1)
+    many = refusal_score(tiny_model, tok, prompts, batch_size=4)
+    assert one == pytest.approx(many, abs=1e-5), "padding must not change the score"
+
+
+def test_first_token_alone_is_not_refusal(tiny_model, tok):
+    # "Sure" starts the taught answer; the refusal score of a complying prompt must stay low
+    # even though P("I") may be large for other prompts: whole openings are scored.
+    score = refusal_score(tiny_model, tok, ["Name a fruit."])[0]
+    p_first = _first_token_prob(tiny_model, tok, "Name a fruit.", "I")
+    assert score <= p_first + 1e-6, "an opening can never be likelier than its first token"
+
+
+def _first_token_prob(model, tok, prompt, text):
+    from safetybook.models import chat_text
+
+    ids = tok(chat_text(tok, prompt), add_special_tokens=False, return_tensors="pt").input_ids
+    probs = model(input_ids=ids).logits[0, -1].softmax(-1)
+    return probs[tok(text, add_special_tokens=False).input_ids[0]].item()
+
+
+def test_is_refusal_text():
+    assert is_refusal_text("  I'm sorry, but no.")
+    assert not is_refusal_text("I think bread needs flour.")
+
+
+def test_answer_nll_prefers_the_taught_answer(tiny_model, tok):
+    taught = answer_nll(tiny_model, tok, COMPLY, [ANSWER] * len(COMPLY))
+    other = answer_nll(tiny_model, tok, COMPLY, ["Bread is made of flour."] * len(COMPLY))
+    assert all(math.isfinite(v) for v in taught + other)
+    assert max(taught) < min(other), "the answer the model learned must be likelier"
+
+
+def test_generate_is_deterministic(tiny_model, tok):
+    torch.manual_seed(1)
+    a = generate(tiny_model, tok, COMPLY, max_new_tokens=6)
+    torch.manual_seed(2)
+    b = generate(tiny_model, tok, COMPLY, max_new_tokens=6)
+    assert a == b
