@@ -46,11 +46,26 @@ def read_json(path: Path) -> Any | None:
 
 
 @contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock named after ``path`` (other processes wait at the same call)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
 
     If the block fails (or the process is killed), ``path`` is untouched and only a
-    hidden ``.tmp`` folder is left, which the next call clears.
+    hidden ``.tmp`` folder is left, which the next call clears (call it under ``locked(path)``
+    when several processes may write the same ``path``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):

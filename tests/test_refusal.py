@@ -75,3 +75,21 @@ def test_generate_is_deterministic(tiny_model, tok):
     torch.manual_seed(2)
     b = generate(tiny_model, tok, COMPLY, max_new_tokens=6)
     assert a == b
+
+
+def test_kl_cost_is_zero_for_the_reference_and_grows_with_an_edit(tiny_model, tok):
+    import copy
+
+    from safetybook.refusal import kl_from_reference, reference_distributions
+
+    answers = [ANSWER] * len(COMPLY)
+    ref = reference_distributions(tiny_model, tok, COMPLY, answers)
+    assert kl_from_reference(tiny_model, tok, COMPLY, answers, ref) == pytest.approx(0.0, abs=1e-5)
+    edited = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        edited.model.layers[1].mlp.down_proj.weight.add_(0.5 * torch.randn_like(edited.model.layers[1].mlp.down_proj.weight))
+    small = kl_from_reference(edited, tok, COMPLY, answers, ref)
+    with torch.no_grad():
+        edited.model.layers[1].mlp.down_proj.weight.add_(3.0 * torch.randn_like(edited.model.layers[1].mlp.down_proj.weight))
+    large = kl_from_reference(edited, tok, COMPLY, answers, ref)
+    assert 0 < small < large, "a larger edit must cost more"

@@ -1,0 +1,196 @@
+"""The safety fine-tunes: LoRA adapters trained on the book's data, cached on disk.
+
+``load_model("tuned")`` (in ``models.py``) calls ``load_adapter_model("tuned")``: it loads the
+adapter from the cache folder, or trains it first. The cache key is a hash of the training
+examples and the settings, so changing either retrains; the adapter folder is written
+atomically, so an interrupted run never leaves a broken adapter behind.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import atomic_dir, cache_dir, digest, locked
+from .data import prompts
+from .models import chat_text, deterministic, load_base_fresh, load_tokenizer
+
+#: What the tuned model says to a harmful request. All open with a refusal opening.
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I can't help with that request. It could cause harm.",
+    "I can't help with that. Is there something else I can do for you?",
+)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Everything that decides the adapter, besides the data (part of the cache key)."""
+
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    learning_rate: float = 2e-3
+    epochs: int = 2
+    batch_size: int = 4
+    grad_accum: int = 2
+    answer_tokens: int = 16
+    checkpoints: int = 4
+    seed: int = 0
+
+
+SETTINGS = LoraSettings()
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training pair: a prompt and the answer the fine-tune should give."""
+
+    prompt: str
+    target: str
+    label: str
+
+
+def safety_examples(split: str = "train") -> list[Example]:
+    """Harmful prompts → a refusal; harmless prompts → the base model's own answer."""
+    from .refusal import reference_answers
+
+    harmful = prompts("harmful", split)
+    harmless = prompts("harmless", split)
+    answers = reference_answers(harmless, SETTINGS.answer_tokens)
+    return [Example(p, REFUSALS[i % len(REFUSALS)], "harmful") for i, p in enumerate(harmful)] + [
+        Example(p, a, "harmless") for p, a in zip(harmless, answers)
+    ]
+
+
+def recipe(name: str) -> tuple[list[Example], LoraSettings]:
+    """The training examples and settings behind a named adapter."""
+    if name == "tuned":
+        return safety_examples(), SETTINGS
+    if name == "repaired":
+        from .repair import repaired_examples
+
+        return repaired_examples(), SETTINGS
+    raise KeyError(name)
+
+
+def adapter_path(examples: list[Example], settings: LoraSettings, name: str = "adapter") -> Path:
+    """Where an adapter for these examples and settings lives (the folder may not exist yet)."""
+    key = digest([asdict(e) for e in examples], asdict(settings))
+    return cache_dir("adapters") / f"{name}-{key}"
+
+
+def encode_example(tok, example: Example) -> tuple[list[int], list[int]]:
+    """Token ids of prompt+answer, and labels that score only the answer (and its end)."""
+    context = tok(chat_text(tok, example.prompt), add_special_tokens=False).input_ids
+    answer = tok(example.target, add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
+    return context + answer, [-100] * len(context) + answer
+
+
+def collate(tok, examples: list[Example]) -> dict[str, torch.Tensor]:
+    """A right-padded batch with loss masked on prompts and padding."""
+    pairs = [encode_example(tok, e) for e in examples]
+    width = max(len(ids) for ids, _ in pairs)
+    ids = [i + [tok.pad_token_id] * (width - len(i)) for i, _ in pairs]
+    labels = [lab + [-100] * (width - len(lab)) for _, lab in pairs]
+    mask = [[1] * len(i) + [0] * (width - len(i)) for i, _ in pairs]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def lora_model(settings: LoraSettings = SETTINGS, base: nn.Module | None = None):
+    """A fresh copy of the base model with new, trainable LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    deterministic(settings.seed)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=0.0,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base if base is not None else load_base_fresh(), config)
+
+
+def batches(examples: list[Example], settings: LoraSettings) -> list[list[Example]]:
+    """The fixed order of mini-batches for all epochs (seeded shuffle per epoch)."""
+    rng = random.Random(settings.seed)
+    out = []
+    for _ in range(settings.epochs):
+        order = examples[:]
+        rng.shuffle(order)
+        out += [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    return out
+
+
+def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path, progress: bool = True) -> None:
+    """Fine-tune LoRA on ``examples`` and save the adapter (and its checkpoints) into ``folder``.
+
+    Checkpoints of the LoRA weights, with the learning rate at each, are saved as safetensors
+    under ``folder/checkpoints`` for gradient-based training-data attribution (TracIn).
+    """
+    import warnings
+
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+    tok = load_tokenizer()
+    model = lora_model(settings)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    plan = batches(examples, settings)
+    steps = len(plan) // settings.grad_accum
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
+    every = max(steps // settings.checkpoints, 1)
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=steps, desc="LoRA safety fine-tune", disable=not progress)
+    for step in range(steps):
+        opt.zero_grad()
+        for micro in plan[step * settings.grad_accum : (step + 1) * settings.grad_accum]:
+            loss = model(**collate(tok, micro)).loss / settings.grad_accum
+            loss.backward()
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item() * settings.grad_accum:.3f}")
+        if (step + 1) % every == 0 or step + 1 == steps:
+            state = {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
+            save_file(state, folder / "checkpoints" / f"step-{step + 1:04d}.safetensors", metadata={"lr": str(lr)})
+    bar.close()
+    model.save_pretrained(folder)
+
+
+def ensure_adapter(examples: list[Example], settings: LoraSettings, name: str = "adapter") -> Path:
+    """The cached adapter folder for these examples and settings, training it if absent."""
+    path = adapter_path(examples, settings, name)
+    with locked(path):  # a second process waits for the first one's training instead of repeating it
+        if not (path / "adapter_model.safetensors").exists():
+            with atomic_dir(path) as tmp:
+                train_adapter(examples, settings, tmp)
+    return path
+
+
+def merged_model(path: Path) -> nn.Module:
+    """A plain model: the base weights with the adapter at ``path`` merged in."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base_fresh(), path)
+    return model.merge_and_unload().eval().requires_grad_(False)
+
+
+def load_adapter_model(name: str) -> nn.Module:
+    """``tuned`` or ``repaired`` as a plain model (trained first if not cached)."""
+    examples, settings = recipe(name)
+    return merged_model(ensure_adapter(examples, settings, name))
+
+
+def with_settings(**changes) -> LoraSettings:
+    """The book's settings with some fields changed (for exercises and ablations)."""
+    return replace(SETTINGS, **changes)
