@@ -1,6 +1,7 @@
 # Interpretation for LLM Safety — build and test on a fresh machine.
 #   make book   set up .venv, then build and execute every chapter into _build/html
 #   make test   set up .venv, then run every test (unit tests and the full executed build)
+#   make bench  execute each chapter in a fresh kernel: wall time and peak memory -> _build/bench.json
 #   make lint   ruff over the library and tests
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test lint clean setup
+.PHONY: book test lint bench clean setup
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
@@ -28,6 +29,9 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -v -rs
+
+bench: $(STAMP)
+	$(PY) tests/bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check safetybook tests _ext

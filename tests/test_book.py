@@ -1,35 +1,12 @@
 """The whole book, executed from scratch with warnings as errors: the test that CI really needs."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-HTML = ROOT / "_build" / "html"
-
-
-def toc_files() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    return [entry["file"] for entry in toc["chapters"]]
-
-
-@pytest.fixture(scope="module")
-def build():
-    jb = Path(sys.executable).parent / "jupyter-book"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([str(jb), "build", ".", "-W", "-n", "--keep-going"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=75 * 60)
-    if result.returncode != 0:
-        logs = "\n".join(p.read_text()[-4000:] for p in (HTML / "reports").glob("**/*.log")) if (HTML / "reports").exists() else ""
-        warnings = "\n".join(line for line in result.stderr.splitlines() if "WARNING" in line or "ERROR" in line)
-        pytest.fail(f"book build failed (exit {result.returncode}).\n{warnings[-6000:]}\n{result.stdout[-3000:]}\n{logs}")
-    return result
+from tests.conftest import HTML, toc_files
 
 
 def test_book_builds_without_warnings(build):
