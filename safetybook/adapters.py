@@ -33,12 +33,14 @@ class LoraSettings:
     rank: int = 8
     alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    learning_rate: float = 2e-3
+    #: Decoder layers that get adapters (None: all). Upper layers only: backprop stops below them.
+    layers: tuple[int, ...] | None = tuple(range(14, 30))
+    learning_rate: float = 3e-3
     epochs: int = 2
     batch_size: int = 4
     grad_accum: int = 2
     answer_tokens: int = 16
-    checkpoints: int = 4
+    checkpoints: int = 2
     seed: int = 0
 
 
@@ -55,14 +57,18 @@ class Example:
 
 
 def safety_examples(split: str = "train") -> list[Example]:
-    """Harmful prompts → a refusal; harmless prompts → the base model's own answer."""
-    from .refusal import reference_answers
+    """Harmful prompts → a refusal; harmless prompts → the base model's own answer.
+
+    Harmless prompts whose base answer itself opens like a refusal ("I'm sorry for any
+    misunderstanding, but as a chatbot…") are left out: they would teach over-refusal.
+    """
+    from .refusal import is_refusal_text, reference_answers
 
     harmful = prompts("harmful", split)
     harmless = prompts("harmless", split)
     answers = reference_answers(harmless, SETTINGS.answer_tokens)
     return [Example(p, REFUSALS[i % len(REFUSALS)], "harmful") for i, p in enumerate(harmful)] + [
-        Example(p, a, "harmless") for p, a in zip(harmless, answers)
+        Example(p, a, "harmless") for p, a in zip(harmless, answers) if not is_refusal_text(a)
     ]
 
 
@@ -110,6 +116,8 @@ def lora_model(settings: LoraSettings = SETTINGS, base: nn.Module | None = None)
         lora_alpha=settings.alpha,
         lora_dropout=0.0,
         target_modules=list(settings.target_modules),
+        layers_to_transform=list(settings.layers) if settings.layers is not None else None,
+        layers_pattern="layers" if settings.layers is not None else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base if base is not None else load_base_fresh(), config)
@@ -129,7 +137,7 @@ def batches(examples: list[Example], settings: LoraSettings) -> list[list[Exampl
 def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path, progress: bool = True) -> None:
     """Fine-tune LoRA on ``examples`` and save the adapter (and its checkpoints) into ``folder``.
 
-    Checkpoints of the LoRA weights, with the learning rate at each, are saved as safetensors
+    Checkpoints of the LoRA weights, with the mean learning rate since the previous one, are saved as safetensors
     under ``folder/checkpoints`` for gradient-based training-data attribution (TracIn).
     """
     import warnings
@@ -150,19 +158,22 @@ def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path,
     every = max(steps // settings.checkpoints, 1)
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps, desc="LoRA safety fine-tune", disable=not progress)
+    lrs: list[float] = []  # learning rates since the last checkpoint
     for step in range(steps):
         opt.zero_grad()
         for micro in plan[step * settings.grad_accum : (step + 1) * settings.grad_accum]:
             loss = model(**collate(tok, micro)).loss / settings.grad_accum
             loss.backward()
-        lr = sched.get_last_lr()[0]
+        lrs.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item() * settings.grad_accum:.3f}")
         if (step + 1) % every == 0 or step + 1 == steps:
             state = {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
-            save_file(state, folder / "checkpoints" / f"step-{step + 1:04d}.safetensors", metadata={"lr": str(lr)})
+            meta = {"lr": str(sum(lrs) / len(lrs))}  # TracIn weighs a checkpoint by its interval's mean rate
+            save_file(state, folder / "checkpoints" / f"step-{step + 1:04d}.safetensors", metadata=meta)
+            lrs = []
     bar.close()
     model.save_pretrained(folder)
 

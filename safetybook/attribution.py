@@ -1,0 +1,120 @@
+"""Training-data attribution for the LoRA safety fine-tune: TracIn and a similarity baseline.
+
+TracIn {Pruthi et al. 2020} scores a training example ``z`` for a query ``q`` by how much the
+training steps on ``z`` lowered the query's loss: ``sum_c lr_c * grad L(z; θ_c) · grad L(q; θ_c)``
+over saved checkpoints ``θ_c``, with gradients over the LoRA parameters only. Per-example
+gradients come from one batched backward pass: a linear layer's weight gradient for one example
+is ``sum_t grad_out_t ⊗ input_t`` over that example's tokens, read off with hooks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import Example, collate
+from .models import load_tokenizer
+
+
+def checkpoints(folder: Path) -> list[tuple[Path, float]]:
+    """The saved LoRA checkpoints of an adapter folder, with the learning rate used after each."""
+    from safetensors import safe_open
+
+    out = []
+    for path in sorted((folder / "checkpoints").glob("step-*.safetensors")):
+        with safe_open(path, "pt") as f:
+            out.append((path, float(f.metadata()["lr"])))
+    return out
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Copy a checkpoint's LoRA weights into a LoRA model built with the same settings."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" in n}
+
+
+def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size: int = 8):
+    """Yield, per batch, ``{module name: [batch, out, in]}`` gradients of each example's mean
+    answer-token loss with respect to every LoRA weight matrix."""
+    linears = _lora_linears(model)
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_module, args, out):
+            inputs[name] = args[0].detach()
+            out.register_hook(lambda grad: outputs.__setitem__(name, grad.detach()))
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(tok, examples[start : start + batch_size])
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            mask = targets != -100
+            nll = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
+            )
+            per_example = (nll * mask).sum(1) / mask.sum(1)
+            model.zero_grad(set_to_none=True)
+            per_example.sum().backward()
+            yield {n: torch.einsum("bto,bti->boi", outputs[n], inputs[n]) for n in linears}
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def tracin(
+    model: nn.Module, saved: list[tuple[Path, float]], train: list[Example], queries: list[Example],
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """TracIn scores ``[train, query]`` of a LoRA ``model`` over checkpoints ``saved``: positive
+    means the training steps on the example lowered the query's loss (for a query whose target is
+    a refusal: made the model more likely to refuse it)."""
+    tok = load_tokenizer()
+    model.train()
+    scores = torch.zeros(len(train), len(queries))
+    for path, lr in saved:
+        load_checkpoint(model, path)
+        query_grads = {n: torch.cat(g) for n, g in _stack(per_example_grads(model, tok, queries, batch_size)).items()}
+        row = 0
+        for grads in per_example_grads(model, tok, train, batch_size):
+            n = next(iter(grads.values())).shape[0]
+            scores[row : row + n] += lr * sum(torch.einsum("boi,qoi->bq", g, query_grads[k]) for k, g in grads.items())
+            row += n
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return scores
+
+
+def _stack(batches) -> dict[str, list[torch.Tensor]]:
+    out: dict[str, list[torch.Tensor]] = {}
+    for grads in batches:
+        for name, g in grads.items():
+            out.setdefault(name, []).append(g)
+    return out
+
+
+@torch.no_grad()
+def similarity(model: nn.Module, tok, train: list[str], queries: list[str], layer: int) -> torch.Tensor:
+    """Representation-similarity baseline ``[train, query]``: cosine similarity of last-token
+    activations at ``layer``, after subtracting the training set's mean activation."""
+    from .directions import last_token_activations
+
+    acts = last_token_activations(model, tok, train + queries, [layer])[0]
+    acts = acts - acts[: len(train)].mean(0)
+    acts = acts / acts.norm(dim=-1, keepdim=True)
+    return acts[: len(train)] @ acts[len(train) :].T

@@ -1,0 +1,39 @@
+"""The LoRA fine-tune's data plumbing and cache key, on the tiny model."""
+from __future__ import annotations
+
+import copy
+
+from safetybook.adapters import Example, adapter_path, batches, collate, lora_model, with_settings
+from tests.conftest import ANSWER, COMPLY, REFUSAL, REFUSE
+
+EXAMPLES = [Example(p, REFUSAL, "harmful") for p in REFUSE] + [Example(p, ANSWER, "harmless") for p in COMPLY]
+
+
+def test_collate_scores_only_the_answer(tok):
+    batch = collate(tok, EXAMPLES[:2])
+    for row, example in zip(range(2), EXAMPLES[:2]):
+        scored = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert tok.decode(scored).startswith(example.target)
+        assert (batch["labels"][row][batch["attention_mask"][row] == 0] == -100).all()
+
+
+def test_batches_cover_every_example_once_per_epoch():
+    settings = with_settings(epochs=3, batch_size=4)
+    plan = batches(EXAMPLES, settings)
+    flat = [e for b in plan for e in b]
+    assert len(flat) == 3 * len(EXAMPLES)
+    assert all(flat.count(e) == 3 for e in EXAMPLES)
+    assert plan == batches(EXAMPLES, settings)  # seeded: the same order every time
+
+
+def test_cache_key_changes_with_data_and_settings():
+    path = adapter_path(EXAMPLES, with_settings())
+    assert path == adapter_path(list(EXAMPLES), with_settings())
+    assert path != adapter_path(EXAMPLES[:-1], with_settings())
+    assert path != adapter_path(EXAMPLES, with_settings(learning_rate=1e-4))
+
+
+def test_lora_only_on_chosen_layers(tiny_model):
+    model = lora_model(with_settings(layers=(1,)), base=copy.deepcopy(tiny_model))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n for n in trainable)

@@ -1,0 +1,55 @@
+"""TracIn's per-example gradients and scores, and the similarity baseline, on the tiny model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from safetybook.adapters import Example, collate, lora_model, with_settings
+from safetybook.attribution import checkpoints, per_example_grads, similarity, tracin
+from tests.conftest import ANSWER, COMPLY, REFUSAL, REFUSE
+
+EXAMPLES = [Example(p, REFUSAL, "harmful") for p in REFUSE] + [Example(p, ANSWER + " Yes.", "harmless") for p in COMPLY]
+
+
+@pytest.fixture()
+def lora(tiny_model):
+    settings = with_settings(target_modules=("q_proj", "v_proj"), layers=None)
+    model = lora_model(settings, base=copy.deepcopy(tiny_model))
+    with torch.no_grad():  # LoRA's B starts at zero; give it weights so that all gradients flow
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_per_example_grads_match_one_at_a_time(lora, tok):
+    batched = next(per_example_grads(lora, tok, EXAMPLES[:4], batch_size=4))
+    for i, example in enumerate(EXAMPLES[:4]):
+        batch = collate(tok, [example])
+        lora.zero_grad()
+        lora(**batch).loss.backward()
+        modules = dict(lora.named_modules())
+        for name, grads in batched.items():
+            torch.testing.assert_close(grads[i], modules[name].weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_tracin_is_symmetric_with_positive_self_influence(lora, tok, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    state = {k: v.detach().clone() for k, v in lora.named_parameters() if v.requires_grad}
+    save_file(state, folder / "step-0001.safetensors", metadata={"lr": "0.01"})
+    scores = tracin(lora, checkpoints(tmp_path), EXAMPLES, EXAMPLES, batch_size=4)
+    assert scores.shape == (len(EXAMPLES), len(EXAMPLES))
+    torch.testing.assert_close(scores, scores.T, rtol=1e-3, atol=1e-7)
+    assert (scores.diagonal() > 0).all()
+
+
+def test_similarity_finds_the_same_prompt(tiny_model, tok):
+    train = REFUSE + COMPLY
+    sims = similarity(tiny_model, tok, train, [COMPLY[1], REFUSE[0]], layer=1)
+    assert sims.shape == (len(train), 2)
+    assert sims[:, 0].argmax().item() == train.index(COMPLY[1])
+    assert sims[:, 1].argmax().item() == train.index(REFUSE[0])
