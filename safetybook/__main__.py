@@ -26,7 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="probability that the model opens with a refusal")
     score.add_argument("--model", default="base", help="base, tuned, repaired or a hub id")
     score.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
+    gen = sub.add_parser("generate", help="answers, verified by a monitor before they are shown")
+    gen.add_argument("--model", default="base", choices=("base", "tuned", "repaired"), help="which of the book's models")
+    gen.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
+    gen.add_argument("--monitor", default="none", choices=("none", "probe", "self-check", "keyword"),
+                     help="latent harmfulness probe, the model's self-check, or a keyword filter")
+    gen.add_argument("--max-new-tokens", type=_positive, default=24, help="length of each answer in tokens")
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -43,7 +55,21 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(json.dumps({"prompt": prompt, "refusal": round(score, 4)}), flush=True)
 
 
-COMMANDS = {"score": cmd_score}
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .data import read_prompt_file
+    from .models import load_model, model_folder
+    from .monitor import checked_generate
+
+    prompts = read_prompt_file(args.prompts)
+    model_folder()
+    model, tok = load_model(args.model)
+    for row in checked_generate(model, tok, prompts, args.monitor, args.max_new_tokens, model_name=args.model):
+        print(json.dumps({"prompt": row.prompt, "response": row.response, "blocked": row.blocked,
+                          "monitor_score": round(row.monitor_score, 4)}), flush=True)
+
+
+COMMANDS = {"score": cmd_score, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,110 @@
+"""Verify then output: the latent monitor, the self-check, the keyword filter and `generate` CLI."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from safetybook.directions import fit_probe, last_token_activations
+from safetybook.models import generate
+from safetybook.monitor import (
+    REFUSAL,
+    checked_generate,
+    keyword_score,
+    probe_generate,
+    self_check,
+)
+from conftest import COMPLY, REFUSE
+
+
+@pytest.fixture(scope="module")
+def probe(tiny_model, tok):
+    """A hand-made harmfulness probe: the tiny model's REFUSE vs COMPLY activations at layer 1."""
+    acts = last_token_activations(tiny_model, tok, REFUSE + COMPLY, [1])[0]
+    return fit_probe(1, acts[: len(REFUSE)], acts[len(REFUSE) :], c=10.0)
+
+
+def test_silent_monitor_changes_nothing(tiny_model, tok, probe):
+    prompts = REFUSE + COMPLY
+    rows = probe_generate(tiny_model, tok, prompts, probe, threshold=math.inf, max_new_tokens=8)
+    plain = generate(tiny_model, tok, prompts, max_new_tokens=8)
+    assert not any(r.blocked for r in rows)
+    assert [r.response for r in rows] == plain, "the monitor's own greedy loop must match model.generate"
+
+
+def test_monitor_blocks_what_the_probe_flags(tiny_model, tok, probe):
+    prompts = REFUSE + COMPLY
+    rows = probe_generate(tiny_model, tok, prompts, probe, threshold=0.5, max_new_tokens=4, every_token=False)
+    assert [r.blocked for r in rows] == [True] * len(REFUSE) + [False] * len(COMPLY), [r.monitor_score for r in rows]
+    assert all(r.response == REFUSAL for r in rows if r.blocked), "a blocked answer is replaced by the fixed refusal"
+    assert all(r.response != REFUSAL for r in rows if not r.blocked)
+
+
+def test_monitor_that_always_fires_blocks_everything(tiny_model, tok, probe):
+    rows = probe_generate(tiny_model, tok, COMPLY, probe, threshold=-1.0, max_new_tokens=4)
+    assert all(r.blocked and r.response == REFUSAL for r in rows)
+
+
+def test_monitor_scores_do_not_depend_on_batching(tiny_model, tok, probe):
+    prompts = REFUSE + COMPLY
+    one = probe_generate(tiny_model, tok, prompts, probe, math.inf, max_new_tokens=4, batch_size=1)
+    many = probe_generate(tiny_model, tok, prompts, probe, math.inf, max_new_tokens=4, batch_size=6)
+    assert [r.monitor_score for r in one] == pytest.approx([r.monitor_score for r in many], abs=1e-4)
+
+
+def test_every_token_score_is_at_least_the_prompt_score(tiny_model, tok, probe):
+    first = probe_generate(tiny_model, tok, COMPLY, probe, math.inf, max_new_tokens=4, every_token=False)
+    every = probe_generate(tiny_model, tok, COMPLY, probe, math.inf, max_new_tokens=4, every_token=True)
+    assert all(e.monitor_score >= f.monitor_score - 1e-6 for e, f in zip(every, first)), "the score is a running max"
+
+
+def test_self_check_is_a_probability_independent_of_padding(tiny_model, tok):
+    prompts, answers = REFUSE + COMPLY, ["Sure."] * 3 + ["A much longer answer, with many more words."] * 3
+    one = self_check(tiny_model, tok, prompts, answers, batch_size=1)
+    many = self_check(tiny_model, tok, prompts, answers, batch_size=6)
+    assert all(0.0 <= s <= 1.0 for s in many)
+    assert one == pytest.approx(many, abs=1e-5), "left padding must not change P(Yes)"
+
+
+def test_keyword_filter_matches_whole_words():
+    assert keyword_score("How do I build a bomb?", "") == 1.0
+    assert keyword_score("Write a bombastic poem.", "") == 0.0
+    assert keyword_score("Tell me a story.", "It is about how to steal a car.") == 1.0, "the answer is checked too"
+
+
+def test_checked_generate_rejects_unknown_monitor(tiny_model, tok):
+    with pytest.raises(ValueError, match="unknown monitor"):
+        checked_generate(tiny_model, tok, COMPLY, monitor="oracle")
+
+
+def test_keyword_monitor_blocks_and_replaces(tiny_model, tok):
+    rows = checked_generate(tiny_model, tok, ["How can I steal a bike?", "Name a fruit."], "keyword", 4)
+    assert [r.blocked for r in rows] == [True, False]
+    assert rows[0].response == REFUSAL
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "safetybook", "generate", *args],
+                          check=False, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompts", "/no/such/file.txt"], "no such file"),
+        (["--prompts", "PROMPTS", "--monitor", "oracle"], "invalid choice"),
+        (["--prompts", "PROMPTS", "--max-new-tokens", "0"], "positive integer"),
+        (["--prompts", "PROMPTS", "--model", "nonsense"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_generate_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Name a fruit.\n")
+    result = _cli(*[str(prompts) if a == "PROMPTS" else a for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert result.stdout == ""
