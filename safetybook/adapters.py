@@ -175,7 +175,7 @@ def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path,
             save_file(state, folder / "checkpoints" / f"step-{step + 1:04d}.safetensors", metadata=meta)
             lrs = []
     bar.close()
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, save_embedding_layers=False)  # embeddings are frozen; skips a hub lookup
 
 
 def ensure_adapter(examples: list[Example], settings: LoraSettings, name: str = "adapter") -> Path:

@@ -11,7 +11,8 @@ from safetybook.adapters import Example, collate, lora_model, with_settings
 from safetybook.attribution import checkpoints, per_example_grads, similarity, tracin
 from tests.conftest import ANSWER, COMPLY, REFUSAL, REFUSE
 
-EXAMPLES = [Example(p, REFUSAL, "harmful") for p in REFUSE] + [Example(p, ANSWER + " Yes.", "harmless") for p in COMPLY]
+# Targets swapped from what the tiny model learned: a large loss, so gradients well above rounding.
+EXAMPLES = [Example(p, ANSWER, "harmful") for p in REFUSE] + [Example(p, REFUSAL + " Yes.", "harmless") for p in COMPLY]
 
 
 @pytest.fixture()
@@ -33,7 +34,8 @@ def test_per_example_grads_match_one_at_a_time(lora, tok):
         lora(**batch).loss.backward()
         modules = dict(lora.named_modules())
         for name, grads in batched.items():
-            torch.testing.assert_close(grads[i], modules[name].weight.grad, rtol=1e-4, atol=1e-6)
+            expected = modules[name].weight.grad
+            torch.testing.assert_close(grads[i], expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
 
 def test_tracin_is_symmetric_with_positive_self_influence(lora, tok, tmp_path):
@@ -43,7 +45,7 @@ def test_tracin_is_symmetric_with_positive_self_influence(lora, tok, tmp_path):
     save_file(state, folder / "step-0001.safetensors", metadata={"lr": "0.01"})
     scores = tracin(lora, checkpoints(tmp_path), EXAMPLES, EXAMPLES, batch_size=4)
     assert scores.shape == (len(EXAMPLES), len(EXAMPLES))
-    torch.testing.assert_close(scores, scores.T, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(scores, scores.T, rtol=1e-3, atol=1e-3 * scores.abs().max().item())
     assert (scores.diagonal() > 0).all()
 
 
