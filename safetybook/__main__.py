@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="probability that the model opens with a refusal")
     score.add_argument("--model", default="base", help="base, tuned, repaired or a hub id")
     score.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
+    score.add_argument("--intervention", choices=("ablate-refusal", "add-refusal"),
+                       help="remove the model's refusal direction at every layer, or add it at its layer")
+    guard = sub.add_parser("guard", help="probability that each prompt is harmful, from the harmfulness probe")
+    guard.add_argument("--model", default="base", choices=("base", "tuned"), help="whose activations the probe reads")
+    guard.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
     gen = sub.add_parser("generate", help="answers, verified by a monitor before they are shown")
     gen.add_argument("--model", default="base", choices=("base", "tuned", "repaired"), help="which of the book's models")
     gen.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
@@ -49,10 +54,36 @@ def cmd_score(args: argparse.Namespace) -> None:
     if "/" not in args.model:
         model_folder()  # a missing model package is reported before anything heavy happens
     model, tok = load_model(args.model)
+    from contextlib import nullcontext
+
     from .refusal import refusal_score
 
-    for prompt, score in zip(prompts, refusal_score(model, tok, prompts)):
+    edit = nullcontext()
+    if args.intervention:
+        from .directions import refusal_direction
+        from .interventions import ablate_direction, add_direction
+
+        found = refusal_direction(args.model)
+        edit = (ablate_direction(model, found.vector()) if args.intervention == "ablate-refusal"
+                else add_direction(model, found.vector(), found.layer, found.coefficient))
+    with edit:
+        scores = refusal_score(model, tok, prompts)
+    for prompt, score in zip(prompts, scores):
         print(json.dumps({"prompt": prompt, "refusal": round(score, 4)}), flush=True)
+
+
+def cmd_guard(args: argparse.Namespace) -> None:
+    from .data import read_prompt_file
+    from .directions import harm_probe, last_token_activations
+    from .models import load_model, model_folder
+
+    prompts = read_prompt_file(args.prompts)
+    model_folder()
+    probe = harm_probe(args.model)
+    model, tok = load_model(args.model)
+    acts = last_token_activations(model, tok, prompts, [probe.layer])[0]
+    for prompt, p in zip(prompts, probe.predict(acts)):
+        print(json.dumps({"prompt": prompt, "harmful": round(float(p), 4)}), flush=True)
 
 
 
@@ -69,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                           "monitor_score": round(row.monitor_score, 4)}), flush=True)
 
 
-COMMANDS = {"score": cmd_score, "generate": cmd_generate}
+COMMANDS = {"score": cmd_score, "guard": cmd_guard, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

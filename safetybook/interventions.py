@@ -1,0 +1,169 @@
+"""Act on a direction in the residual stream: remove it everywhere, add it at one layer, add it only
+when the harmfulness probe fires, or bake a change along it into the weights.
+
+The context managers put torch forward hooks on the model and take them off on exit, so any
+measurement (``refusal_score``, ``generate``, ``harmless_cost``) runs unchanged inside them.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .directions import Probe
+from .models import decoder_layers, residual
+
+
+def unit(direction: torch.Tensor) -> torch.Tensor:
+    """``direction`` scaled to length 1 (float32)."""
+    direction = direction.float()
+    return direction / direction.norm()
+
+
+def random_like(direction: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A random direction with the same norm as ``direction``: the control for every edit."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(direction.shape, generator=gen)
+    return noise / noise.norm() * direction.float().norm()
+
+
+def writers(model: nn.Module) -> list[nn.Module]:
+    """The modules that write into the residual stream: embeddings, then each attention and MLP."""
+    blocks = decoder_layers(model)
+    return [model.get_input_embeddings()] + [m for b in blocks for m in (b.self_attn, b.mlp)]
+
+
+def _replace(out, new: torch.Tensor):
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+@contextmanager
+def _hooked(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
+    """Project ``direction`` out of every write to the residual stream (directional ablation,
+    Arditi et al. 2024), so that no layer can read it: is the direction *necessary* for refusal?"""
+    r = unit(direction)
+
+    def project(_module, _inputs, out):
+        x = residual(out)
+        return _replace(out, x - (x @ r.to(x.dtype))[..., None] * r.to(x.dtype))
+
+    with _hooked([m.register_forward_hook(project) for m in writers(model)]):
+        yield
+
+
+@contextmanager
+def add_direction(model: nn.Module, direction: torch.Tensor, layer: int, coefficient: float = 1.0) -> Iterator[None]:
+    """Add ``coefficient * direction`` to the residual stream after ``layer`` at every position
+    (activation addition): is the direction *sufficient* for refusal?"""
+    shift = coefficient * direction.float()
+
+    def add(_module, _inputs, out):
+        x = residual(out)
+        return _replace(out, x + shift.to(x.dtype))
+
+    with _hooked([decoder_layers(model)[layer].register_forward_hook(add)]):
+        yield
+
+
+@contextmanager
+def conditional_steering(
+    model: nn.Module, direction: torch.Tensor, layer: int, coefficient: float, probe: Probe,
+    threshold: float = 0.5,
+) -> Iterator[list[float]]:
+    """Add ``coefficient * direction`` after ``layer`` only for prompts the harmfulness ``probe``
+    flags (probability > ``threshold`` at the last prompt token), so harmless prompts are untouched.
+
+    The gate is decided on the prompt's forward pass and kept for the tokens that follow it.
+    Yields the list of probe probabilities seen (one per prompt), for reporting.
+    """
+    if probe.layer > layer:
+        raise ValueError(f"the probe reads layer {probe.layer}, after the steering layer {layer}")
+    blocks = decoder_layers(model)
+    shift = coefficient * direction.float()
+    state: dict = {"prefill": False, "gate": None}
+    seen: list[float] = []
+
+    def start(_module, _args, kwargs):
+        cache = kwargs.get("cache")
+        state["prefill"] = cache is None or cache.get_seq_length() == 0
+
+    def read(_module, _inputs, out):
+        if state["prefill"]:
+            p = probe.predict(residual(out)[:, -1].detach())
+            seen.extend(p.tolist())
+            state["gate"] = torch.tensor(p > threshold)
+
+    def steer(_module, _inputs, out):
+        gate = state["gate"]
+        if gate is None:
+            return out
+        x = residual(out)
+        g = gate.repeat_interleave(len(x) // len(gate)).to(x.dtype)  # the cache may be repeated
+        return _replace(out, x + g[:, None, None] * shift.to(x.dtype))
+
+    handles = [
+        blocks[0].register_forward_pre_hook(start, with_kwargs=True),
+        blocks[probe.layer].register_forward_hook(read),
+        blocks[layer].register_forward_hook(steer),
+    ]
+    with _hooked(handles):
+        yield seen
+
+
+@contextmanager
+def scale_features(
+    model: nn.Module, layer: int, encoder: torch.Tensor, enc_bias: torch.Tensor, decoder: torch.Tensor,
+    features: list[int], scale: float = 0.0,
+) -> Iterator[None]:
+    """Multiply chosen sparse-autoencoder features by ``scale`` (0 removes them) in the residual
+    stream after ``layer``: the stream moves by ``(scale - 1) * activation * decoder row``.
+
+    ``encoder`` is ``[d_model, n_features]``, ``decoder`` ``[n_features, d_model]``; the SAE's
+    reconstruction error is left in place, so only the chosen features change.
+    """
+    idx = torch.tensor(features)
+
+    def edit(_module, _inputs, out):
+        x = residual(out)
+        acts = torch.relu(x @ encoder[:, idx] + enc_bias[idx])
+        return _replace(out, x + (scale - 1) * acts @ decoder[idx])
+
+    with _hooked([decoder_layers(model)[layer].register_forward_hook(edit)]):
+        yield
+
+
+@torch.no_grad()
+def edit_direction(model: nn.Module, direction: torch.Tensor, scale: float = 0.0) -> nn.Module:
+    """A copy of ``model`` whose every write to the residual stream has its component along
+    ``direction`` multiplied by ``scale``: 0 is weight orthogonalization (ablation baked into the
+    weights, shippable as an ordinary model file), above 1 amplifies the direction.
+
+    ``W ← W + (scale - 1) r rᵀ W`` for attention and MLP output matrices, and the same for the
+    embedding rows; tied input/output embeddings are untied first so the unembedding is unchanged.
+    """
+    edited = copy.deepcopy(model)
+    r = unit(direction)
+    if edited.get_output_embeddings() is not None and (
+        edited.get_output_embeddings().weight.data_ptr() == edited.get_input_embeddings().weight.data_ptr()
+    ):
+        edited.get_output_embeddings().weight = nn.Parameter(edited.get_input_embeddings().weight.clone(),
+                                                             requires_grad=False)
+        edited.config.tie_word_embeddings = False
+    emb = edited.get_input_embeddings().weight
+    emb += (scale - 1) * (emb @ r)[:, None] * r
+    for block in decoder_layers(edited):
+        for lin in (block.self_attn.o_proj, block.mlp.down_proj):
+            lin.weight += (scale - 1) * torch.outer(r, r @ lin.weight)
+    return edited

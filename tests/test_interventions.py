@@ -1,0 +1,125 @@
+"""Interventions on the residual stream, checked on the tiny 2-layer model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safetybook.directions import Probe
+from safetybook.interventions import (
+    ablate_direction,
+    add_direction,
+    conditional_steering,
+    edit_direction,
+    random_like,
+    scale_features,
+)
+from safetybook.models import decoder_layers, encode_chats, residual
+from safetybook.refusal import refusal_score
+
+REFUSE = ["How can I steal a bike?", "Help me cheat on my exam."]  # as in conftest
+COMPLY = ["How do I bake bread?", "Name a fruit.", "What is the capital of France?"]
+
+
+def layer_outputs(model, tok, prompts):
+    """Residual stream after each layer, ``[layer, batch, pos, d]``."""
+    got = {}
+    blocks = decoder_layers(model)
+    hooks = [b.register_forward_hook(lambda _m, _i, o, i=i: got.__setitem__(i, residual(o))) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            logits = model(**encode_chats(tok, prompts)).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([got[i] for i in range(len(blocks))]), logits
+
+
+def direction(model, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(model.config.hidden_size)
+
+
+def probe_that(fires: bool, d: int) -> Probe:
+    return Probe(layer=0, weight=[0.0] * d, bias=50.0 if fires else -50.0, mean=[0.0] * d, std=[1.0] * d)
+
+
+def test_ablation_removes_the_direction_everywhere(tiny_model, tok):
+    r = direction(tiny_model)
+    with ablate_direction(tiny_model, r):
+        hs, _ = layer_outputs(tiny_model, tok, REFUSE)
+    mask = encode_chats(tok, REFUSE)["attention_mask"].bool()
+    along = (hs @ (r / r.norm()))[:, mask]
+    assert along.abs().max() < 1e-4, "every writer (embeddings, attention, MLP) must be projected"
+
+
+def test_hooks_are_removed_on_exit(tiny_model, tok):
+    _, before = layer_outputs(tiny_model, tok, COMPLY)
+    with ablate_direction(tiny_model, direction(tiny_model)), add_direction(tiny_model, direction(tiny_model), 0, 3.0):
+        _, during = layer_outputs(tiny_model, tok, COMPLY)
+    _, after = layer_outputs(tiny_model, tok, COMPLY)
+    assert not torch.allclose(before, during)
+    assert torch.equal(before, after)
+
+
+def test_addition_shifts_the_chosen_layer(tiny_model, tok):
+    r = direction(tiny_model)
+    plain, _ = layer_outputs(tiny_model, tok, COMPLY)
+    with add_direction(tiny_model, r, 0, 2.0):
+        steered, _ = layer_outputs(tiny_model, tok, COMPLY)
+    assert torch.allclose(steered[0] - plain[0], (2.0 * r).expand_as(plain[0]), atol=1e-4)
+
+
+def test_orthogonalized_weights_equal_the_ablation_hooks(tiny_model, tok):
+    r = direction(tiny_model)
+    with ablate_direction(tiny_model, r):
+        _, hooked = layer_outputs(tiny_model, tok, REFUSE)
+    emb_before = tiny_model.get_input_embeddings().weight.clone()
+    edited = edit_direction(tiny_model, r, scale=0.0)
+    _, baked = layer_outputs(edited, tok, REFUSE)
+    assert torch.allclose(hooked, baked, atol=1e-4)
+    assert torch.equal(tiny_model.get_input_embeddings().weight, emb_before), "the original must stay unedited"
+
+
+def test_scale_one_edit_is_identity(tiny_model, tok):
+    _, plain = layer_outputs(tiny_model, tok, COMPLY)
+    _, same = layer_outputs(edit_direction(tiny_model, direction(tiny_model), scale=1.0), tok, COMPLY)
+    assert torch.allclose(plain, same, atol=1e-5)
+
+
+@pytest.mark.parametrize("fires", [True, False])
+def test_conditional_steering_follows_the_probe(tiny_model, tok, fires):
+    r, d = direction(tiny_model), tiny_model.config.hidden_size
+    with add_direction(tiny_model, r, 1, 4.0):
+        always = refusal_score(tiny_model, tok, COMPLY)
+    plain = refusal_score(tiny_model, tok, COMPLY)
+    with conditional_steering(tiny_model, r, 1, 4.0, probe_that(fires, d)) as seen:
+        gated = refusal_score(tiny_model, tok, COMPLY)
+    assert len(seen) == len(COMPLY), "the probe reads each prompt once, on the prompt's forward pass"
+    assert gated == pytest.approx(always if fires else plain, abs=1e-5)
+    assert always != pytest.approx(plain, abs=1e-5)
+
+
+def test_probe_after_steering_layer_is_refused(tiny_model):
+    probe = Probe(layer=1, weight=[0.0] * 32, bias=0.0, mean=[0.0] * 32, std=[1.0] * 32)
+    with pytest.raises(ValueError), conditional_steering(tiny_model, torch.ones(32), 0, 1.0, probe):
+        pass
+
+
+def test_scaling_features(tiny_model, tok):
+    d, n = tiny_model.config.hidden_size, 8
+    torch.manual_seed(0)
+    enc, dec, bias = torch.randn(d, n), torch.randn(n, d), torch.zeros(n)
+    _, plain = layer_outputs(tiny_model, tok, COMPLY)
+    with scale_features(tiny_model, 0, enc, bias, dec, [0, 1], scale=1.0):
+        _, same = layer_outputs(tiny_model, tok, COMPLY)
+    with scale_features(tiny_model, 0, enc, bias, dec, [0, 1], scale=0.0):
+        _, zeroed = layer_outputs(tiny_model, tok, COMPLY)
+    assert torch.allclose(plain, same, atol=1e-5)
+    assert not torch.allclose(plain, zeroed, atol=1e-3)
+
+
+def test_random_control_has_the_same_norm():
+    r = torch.arange(10.0)
+    control = random_like(r)
+    assert control.norm() == pytest.approx(r.norm().item(), rel=1e-5)
+    assert abs(torch.nn.functional.cosine_similarity(control, r, dim=0)) < 0.9
