@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "safetybook", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+                          env=env, cwd=ROOT, timeout=300, check=False)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
@@ -65,7 +65,7 @@ def test_usage_errors_are_one_line():
 
 
 def test_missing_model_package_gives_the_install_command(tmp_path, monkeypatch, capsys):
-    import safetybook.models as models
+    from safetybook import models
 
     path = tmp_path / "p.txt"
     path.write_text("How do I bake bread?\n")

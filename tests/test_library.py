@@ -29,10 +29,9 @@ def test_decoder_layers_found_in_tiny_model(tiny_model):
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "adapter"
-    with pytest.raises(RuntimeError):
-        with cache.atomic_dir(target) as tmp:
-            (tmp / "half.bin").write_text("partial")
-            raise RuntimeError("killed mid-way")
+    with pytest.raises(RuntimeError), cache.atomic_dir(target) as tmp:
+        (tmp / "half.bin").write_text("partial")
+        raise RuntimeError("killed mid-way")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
     with cache.atomic_dir(target) as tmp:

@@ -16,7 +16,7 @@ from safetybook.monitor import (
     probe_generate,
     self_check,
 )
-from conftest import COMPLY, REFUSE
+from tests.conftest import COMPLY, REFUSE
 
 
 @pytest.fixture(scope="module")
