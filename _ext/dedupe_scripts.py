@@ -5,7 +5,9 @@ which makes every page throw "Identifier 'THEBE_JS_URL' has already been declare
 def _dedupe(app, pagename, templatename, context, doctree):
     seen, unique = set(), []
     for script in context.get("script_files", []):
-        key = (str(script), tuple(sorted(getattr(script, "attributes", {}).items())))
+        attributes = getattr(script, "attributes", {})
+        key = (getattr(script, "filename", None) or "", str(attributes.get("body", "")),
+               tuple(sorted((k, str(v)) for k, v in attributes.items() if k not in ("priority", "body"))))
         if key not in seen:
             seen.add(key)
             unique.append(script)
