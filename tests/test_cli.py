@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "safetybook", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300, check=False)
+                          env=env, cwd=ROOT, timeout=600, check=False)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:

@@ -2,27 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "safetybook", *args], check=False, capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    for word in words:
-        assert word in lines[0], f"{word!r} missing from {lines[0]!r}"
-    assert result.stdout == ""
+from tests.test_cli import assert_one_line_error, run_cli
 
 
 def test_guard_missing_file(tmp_path):
