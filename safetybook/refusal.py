@@ -39,29 +39,6 @@ def is_refusal_text(text: str) -> bool:
     return text.lstrip().startswith(REFUSAL_OPENINGS)
 
 
-def _continuation_logprobs(
-    model: nn.Module, tok, contexts: list[list[int]], continuations: list[list[int]]
-) -> torch.Tensor:
-    """log P(continuation | context) for each pair, in one left-padded forward pass.
-
-    Only the last positions' logits are computed (``logits_to_keep``): the full vocabulary at
-    every position would cost gigabytes for a batch of a few dozen sequences.
-    """
-    seqs = [c + k for c, k in zip(contexts, continuations)]
-    width = max(len(s) for s in seqs)
-    keep = max(len(k) for k in continuations) + 1
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    logprobs = logits.float().log_softmax(-1)  # [batch, keep, vocab]; row j predicts token width-keep+j+1
-    totals = []
-    for row, k in enumerate(continuations):
-        cols = torch.arange(keep - len(k) - 1, keep - 1)
-        totals.append(logprobs[row, cols, torch.tensor(k)].sum())
-    return torch.stack(totals)
-
-
 @torch.no_grad()
 def refusal_score(
     model: nn.Module,
