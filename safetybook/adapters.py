@@ -36,11 +36,13 @@ class LoraSettings:
     #: Decoder layers that get adapters (None: all). Upper layers only: backprop stops below them.
     layers: tuple[int, ...] | None = tuple(range(14, 30))
     learning_rate: float = 3e-3
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 4
     grad_accum: int = 2
     answer_tokens: int = 16
     checkpoints: int = 2
+    #: Loss weight of a harmless example relative to a harmful one (>1 counters over-refusal).
+    harmless_weight: float = 2.0
     seed: int = 0
 
 
@@ -134,6 +136,29 @@ def batches(examples: list[Example], settings: LoraSettings) -> list[list[Exampl
     return out
 
 
+def answer_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each example's mean loss over its answer tokens, for a batch from ``collate``.
+
+    The language-model head runs only on the positions that predict answer tokens (the prompt
+    positions are most of a sequence), which saves time and memory.
+    """
+    labels = batch["labels"]
+    first = int((labels != -100).int().argmax(1).min())  # the earliest answer token in the batch
+    keep = labels.shape[1] - first + 1  # positions first-1 … end predict tokens first … end
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    targets = labels[:, first:]
+    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    mask = targets != -100
+    return (nll * mask).sum(1) / mask.sum(1)
+
+
+def weighted_loss(model: nn.Module, tok, examples: list[Example], settings: LoraSettings) -> torch.Tensor:
+    """Mean answer-token loss per example, averaged with harmless examples weighted up."""
+    per_example = answer_losses(model, collate(tok, examples))
+    weights = torch.tensor([settings.harmless_weight if e.label != "harmful" else 1.0 for e in examples])
+    return (weights * per_example).sum() / weights.sum()
+
+
 def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path, progress: bool = True) -> None:
     """Fine-tune LoRA on ``examples`` and save the adapter (and its checkpoints) into ``folder``.
 
@@ -162,7 +187,7 @@ def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path,
     for step in range(steps):
         opt.zero_grad()
         for micro in plan[step * settings.grad_accum : (step + 1) * settings.grad_accum]:
-            loss = model(**collate(tok, micro)).loss / settings.grad_accum
+            loss = weighted_loss(model, tok, micro, settings) / settings.grad_accum
             loss.backward()
         lrs.append(sched.get_last_lr()[0])
         opt.step()

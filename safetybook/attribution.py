@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import Example, collate
+from .adapters import Example, answer_losses, collate
 from .models import load_tokenizer
 
 
@@ -43,7 +43,7 @@ def _lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" in n}
 
 
-def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size: int = 8):
+def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size: int = 4):
     """Yield, per batch, ``{module name: [batch, out, in]}`` gradients of each example's mean
     answer-token loss with respect to every LoRA weight matrix."""
     linears = _lora_linears(model)
@@ -60,15 +60,7 @@ def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size
     hooks = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
     try:
         for start in range(0, len(examples), batch_size):
-            batch = collate(tok, examples[start : start + batch_size])
-            labels = batch.pop("labels")
-            logits = model(**batch).logits[:, :-1].float()
-            targets = labels[:, 1:]
-            mask = targets != -100
-            nll = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
-            )
-            per_example = (nll * mask).sum(1) / mask.sum(1)
+            per_example = answer_losses(model, collate(tok, examples[start : start + batch_size]))
             model.zero_grad(set_to_none=True)
             per_example.sum().backward()
             yield {n: torch.einsum("bto,bti->boi", outputs[n], inputs[n]) for n in linears}
@@ -79,7 +71,7 @@ def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size
 
 def tracin(
     model: nn.Module, saved: list[tuple[Path, float]], train: list[Example], queries: list[Example],
-    batch_size: int = 8,
+    batch_size: int = 4,
 ) -> torch.Tensor:
     """TracIn scores ``[train, query]`` of a LoRA ``model`` over checkpoints ``saved``: positive
     means the training steps on the example lowered the query's loss (for a query whose target is

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -71,37 +72,68 @@ def load_base_fresh() -> nn.Module:
     if cached is not None:
         return copy.deepcopy(cached)
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     deterministic()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    quiet = _quiet_gguf_progress()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_folder(), gguf_file=GGUF_FILE, dtype=torch.float32
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-        quiet()
+    folder = base_snapshot()
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return _freeze(model)
 
 
-def _quiet_gguf_progress():
-    """Silence the GGUF converter's own progress bar (it ignores transformers' switch); return an undo."""
+def base_snapshot() -> Path:
+    """A folder with the base model's fp32 weights as safetensors, converted from the GGUF once.
+
+    Dequantizing the GGUF file takes about 15 s; loading the snapshot takes about 1 s. The
+    snapshot is keyed by the GGUF file and the transformers version, and written atomically.
+    """
+    import transformers
+
+    from .cache import atomic_dir, cache_dir, digest, locked
+
+    gguf = model_folder() / GGUF_FILE
+    path = cache_dir("base") / f"smollm2-{digest(gguf.stat().st_size, MODEL_PIN, transformers.__version__)}"
+    with locked(path):
+        if not (path / "model.safetensors").exists():
+            model = _load_gguf()
+            from safetensors.torch import save_model
+
+            config = model.config
+            config.__dict__.pop("quantization_config", None)  # the weights are plain fp32 now
+            with atomic_dir(path) as tmp:
+                config.save_pretrained(tmp)
+                save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            del model
+    return path
+
+
+def _load_gguf() -> nn.Module:
+    """The model dequantized from the GGUF file to fp32 (slow; ``base_snapshot`` caches it)."""
+    from transformers import AutoModelForCausalLM
+
+    with _quiet():
+        return AutoModelForCausalLM.from_pretrained(model_folder(), gguf_file=GGUF_FILE, dtype=torch.float32)
+
+
+@contextmanager
+def _quiet():
+    """Silence transformers' loading messages and progress bars, and the GGUF converter's own bar
+    (which ignores transformers' switch)."""
     import functools
 
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     original = gguf_utils.tqdm
     gguf_utils.tqdm = functools.partial(original, disable=True)
-
-    def undo() -> None:
+    try:
+        yield
+    finally:
         gguf_utils.tqdm = original
-
-    return undo
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 _CACHE: dict[str, nn.Module] = {}

@@ -37,3 +37,26 @@ def test_lora_only_on_chosen_layers(tiny_model):
     model = lora_model(with_settings(layers=(1,)), base=copy.deepcopy(tiny_model))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".layers.1." in n for n in trainable)
+
+
+def test_answer_losses_match_the_full_computation(tiny_model, tok):
+    import torch
+
+    from safetybook.adapters import answer_losses
+
+    batch = collate(tok, EXAMPLES[:3])
+    logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    full = (nll * (targets != -100)).sum(1) / (targets != -100).sum(1)
+    assert torch.allclose(answer_losses(tiny_model, batch), full, atol=1e-5)
+
+
+def test_harmless_weight_shifts_the_loss_towards_harmless_examples(tiny_model, tok):
+    from safetybook.adapters import answer_losses, weighted_loss
+
+    batch = [EXAMPLES[0], EXAMPLES[-1]]  # one harmful, one harmless
+    harmful, harmless = answer_losses(tiny_model, collate(tok, batch)).tolist()
+    for w in (1.0, 3.0):
+        expected = (harmful + w * harmless) / (1 + w)
+        assert abs(weighted_loss(tiny_model, tok, batch, with_settings(harmless_weight=w)).item() - expected) < 1e-5
