@@ -1,12 +1,16 @@
-"""`make bench`: execute each chapter in a fresh kernel; record wall time, the kernel's peak RSS,
-and the model-load times, into _build/bench.json (shown on the book's status page)."""
+"""`make bench`: execute each chapter in a fresh kernel from a cold cache (nothing trained yet);
+record wall time, the kernel's peak RSS and the model-load times into _build/bench.json, and a
+table into bench.md, which the book's status page includes (commit it after a bench run)."""
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
+import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import nbformat
@@ -15,6 +19,7 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "_build" / "bench.json"
+TABLE = ROOT / "bench.md"
 PEAK = "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 
 
@@ -44,7 +49,35 @@ def model_load_seconds(name: str) -> float:
     return round(float(out.stdout.strip().splitlines()[-1]), 1)
 
 
+def table(rows: list[dict], loads: dict[str, float]) -> str:
+    """The status page's benchmark section, in Markdown."""
+    total = sum(r["wall_s"] for r in rows)
+    lines = [
+        (f"Measured by `make bench` on {date.today().isoformat()}: {os.cpu_count()} CPU cores, "
+         f"{platform.machine()}, torch {_version('torch')}, each chapter in a fresh kernel, in book order, "
+         "starting from an empty cache (so the training chapter trains its adapters)."),
+        "",
+        "| chapter | wall time (s) | kernel peak RSS (MB) |",
+        "|---|---:|---:|",
+        *[f"| `{r['chapter']}` | {r['wall_s']:.0f} | {r['peak_rss_mb']} |" for r in rows],
+        f"| **whole book** | **{total:.0f}** ({total / 60:.1f} min) | max {max(r['peak_rss_mb'] for r in rows)} |",
+        "",
+        "Loading a model in a fresh process, import included (cache warm): "
+        + ", ".join(f"`{name}` {seconds:.1f} s" for name, seconds in loads.items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def main() -> int:
+    cold = tempfile.mkdtemp(prefix="safetybook-bench-")
+    os.environ["SAFETYBOOK_CACHE"] = cold  # kernels inherit it: nothing is cached yet
     rows = []
     for path in chapters():
         row = run_chapter(path)
@@ -53,10 +86,11 @@ def main() -> int:
     loads = {name: model_load_seconds(name) for name in ("base", "tuned")}
     print("model load (s):", loads)
     OUT.parent.mkdir(exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(OUT)
-    (OUT.parent / "bench-model-load.json").write_text(json.dumps(loads))
+    for path, text in ((OUT, json.dumps(rows, indent=1)), (OUT.parent / "bench-model-load.json", json.dumps(loads)),
+                       (TABLE, table(rows, loads))):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
     return 0
 
 

@@ -26,3 +26,13 @@ def test_status_page_lists_every_chapter(build):
     for page in toc_files():
         if page.startswith("chapters/"):
             assert Path(page).name in status, f"{page} missing from the execution table"
+
+
+def test_benchmark_on_the_status_page_covers_every_chapter(build):
+    """`make bench` wrote bench.md for the current table of contents (rerun it after adding a chapter)."""
+    bench = (Path(__file__).resolve().parents[1] / "bench.md").read_text()
+    status = (HTML / "status.html").read_text()
+    assert "whole book" in status, "bench.md is not included in the status page"
+    for page in toc_files():
+        if page.startswith("chapters/"):
+            assert f"`{page}.ipynb`" in bench, f"{page} missing from bench.md: run make bench"
