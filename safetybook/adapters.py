@@ -16,7 +16,7 @@ from torch import nn
 
 from .cache import atomic_dir, cache_dir, digest, locked
 from .data import prompts
-from .models import chat_text, deterministic, load_base_fresh, load_tokenizer
+from .models import chat_text, deterministic, free_memory, load_base_fresh, load_tokenizer
 
 #: What the tuned model says to a harmful request. All open with a refusal opening.
 REFUSALS = (
@@ -210,6 +210,7 @@ def ensure_adapter(examples: list[Example], settings: LoraSettings, name: str = 
         if not (path / "adapter_model.safetensors").exists():
             with atomic_dir(path) as tmp:
                 train_adapter(examples, settings, tmp)
+            free_memory()  # the training copy of the model is gone; give its pages back
     return path
 
 

@@ -165,9 +165,23 @@ def load_model(name: str = "base"):
 
 
 def unload_model(name: str) -> None:
-    """Forget a loaded model so that its memory can be freed."""
+    """Forget a loaded model and give its memory back (drop your own references to it first)."""
     _CACHE.pop(name, None)
     _HUB_TOKENIZERS.pop(name, None)
+    free_memory()
+
+
+def free_memory() -> None:
+    """Collect garbage and return freed heap pages to the system, so a kernel's footprint shrinks
+    after a model is dropped (glibc otherwise keeps them, and the next model stacks on top)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 _HUB_TOKENIZERS: dict = {}

@@ -7,8 +7,8 @@
    base model's own helpful answers as counter-examples.
 
 Test prompts are never used. The plan is cached as JSON, so ``load_model("repaired")`` works
-without any chapter having run. ``control_examples`` makes the control: the same number of
-examples removed at random, the same counter-examples added.
+without any chapter having run. ``control_examples`` makes the control: as many examples of each
+label removed at random, the same counter-examples added.
 """
 from __future__ import annotations
 
@@ -46,16 +46,19 @@ def repair_plan(repair: RepairSettings = REPAIR) -> dict:
 
 
 def _compute_plan(examples: list[Example], repair: RepairSettings) -> dict:
-    from .adapters import lora_model
+    from .adapters import lora_model, merged_model
     from .attribution import checkpoints, tracin
     from .data import prompts
-    from .models import load_model
+    from .models import free_memory, load_tokenizer
     from .refusal import is_refusal_text, reference_answers, refusal_score
 
     folder = ensure_adapter(examples, SETTINGS, "tuned")
-    model, tok = load_model("tuned")
+    tok = load_tokenizer()
     borderline = prompts("borderline", "train")
+    model = merged_model(folder)  # a private copy, dropped before TracIn builds its own
     scores = refusal_score(model, tok, borderline)
+    del model
+    free_memory()
     over = [p for p, s in zip(borderline, scores) if s > repair.threshold]
     queries = [Example(p, REFUSALS[0], "borderline") for p in over]
     blame = tracin(lora_model(SETTINGS), checkpoints(folder), examples, queries).sum(1) if queries else None
@@ -86,8 +89,15 @@ def repaired_examples(repair: RepairSettings = REPAIR) -> list[Example]:
 
 
 def control_examples(seed: int = 0, repair: RepairSettings = REPAIR) -> list[Example]:
-    """The control: as many examples removed, but chosen at random (same counter-examples)."""
+    """The control: as many examples removed of each label, but chosen at random (same
+    counter-examples). Matching labels matters: TracIn's most-blamed examples are mostly harmful
+    ones, and removing any harmful examples lowers refusal; the control asks whether the
+    *attributed* ones matter more than random ones of the same kind."""
     examples, _ = recipe("tuned")
     plan = repair_plan(repair)
-    removed = random.Random(seed).sample(range(len(examples)), len(plan["removed"]))
+    rng = random.Random(seed)
+    removed = []
+    for label in sorted({examples[i].label for i in plan["removed"]}):
+        n = sum(examples[i].label == label for i in plan["removed"])
+        removed += rng.sample([i for i, e in enumerate(examples) if e.label == label], n)
     return _rebuild(examples, removed, plan)
