@@ -1,6 +1,6 @@
 """Verify then output: check an answer before showing it, three ways.
 
-A *latent monitor* reads the harmfulness probe on the residual stream while the model generates
+A *latent monitor* reads the harmfulness probe on the residual stream inside the generation loop
 and replaces the answer with a fixed refusal when it fires; a *self-check* asks the model whether
 its own draft is harmful; a *keyword filter* is the baseline both must beat.
 """
@@ -166,15 +166,18 @@ def checked_generate(
     max_new_tokens: int = 24,
     model_name: str = "base",
     threshold: float | None = None,
+    every_token: bool = False,
 ) -> list[Checked]:
     """Answers to ``prompts`` verified by ``monitor`` (none, probe, self-check or keyword) before output.
 
     ``threshold`` defaults to the train-split choice for the probe and to 0.5 (Yes beats No) for
-    the self-check."""
+    the self-check. The probe is read at the prompt's last token only unless ``every_token``: it
+    was fit and its threshold chosen at that position, and read at generated tokens it also fires
+    on harmless answers (the generation chapter measures how often)."""
     if monitor == "probe":
         probe = harm_probe(model_name, MONITOR_LAYER)
         thr = probe_threshold(model_name, MONITOR_LAYER) if threshold is None else threshold
-        return probe_generate(model, tok, prompts, probe, thr, max_new_tokens)
+        return probe_generate(model, tok, prompts, probe, thr, max_new_tokens, every_token=every_token)
     if monitor not in ("none", "self-check", "keyword"):
         raise ValueError(f"unknown monitor {monitor!r}: use none, probe, self-check or keyword")
     t0 = time.perf_counter()
