@@ -180,7 +180,7 @@ def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path,
     plan = batches(examples, settings)
     steps = len(plan) // settings.grad_accum
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
-    every = max(steps // settings.checkpoints, 1)
+    saves = {round(steps * (k + 1) / settings.checkpoints) for k in range(settings.checkpoints)}  # evenly, last = end
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps, desc="LoRA safety fine-tune", disable=not progress)
     lrs: list[float] = []  # learning rates since the last checkpoint
@@ -194,7 +194,7 @@ def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path,
         sched.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item() * settings.grad_accum:.3f}")
-        if (step + 1) % every == 0 or step + 1 == steps:
+        if step + 1 in saves:
             state = {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
             meta = {"lr": str(sum(lrs) / len(lrs))}  # TracIn weighs a checkpoint by its interval's mean rate
             save_file(state, folder / "checkpoints" / f"step-{step + 1:04d}.safetensors", metadata=meta)

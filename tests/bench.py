@@ -54,8 +54,9 @@ def table(rows: list[dict], loads: dict[str, float]) -> str:
     total = sum(r["wall_s"] for r in rows)
     lines = [
         (f"Measured by `make bench` on {date.today().isoformat()}: {os.cpu_count()} CPU cores, "
-         f"{platform.machine()}, torch {_version('torch')}, each chapter in a fresh kernel, in book order, "
-         "starting from an empty cache (so the training chapter trains its adapters)."),
+         f"{platform.machine()}, torch {_version('torch')} with {os.environ.get('OMP_NUM_THREADS', 'default')} "
+         "threads, each chapter in a fresh kernel, in book order, starting from an empty cache (so the training "
+         "chapter trains its adapters and later chapters load them)."),
         "",
         "| chapter | wall time (s) | kernel peak RSS (MB) |",
         "|---|---:|---:|",
@@ -75,14 +76,25 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def main() -> int:
-    cold = tempfile.mkdtemp(prefix="safetybook-bench-")
-    os.environ["SAFETYBOOK_CACHE"] = cold  # kernels inherit it: nothing is cached yet
-    rows = []
+def main(argv: list[str]) -> int:
+    """``bench.py [CHAPTER ...]``: all chapters of the table of contents, or only the named ones
+    (their rows replace the old ones). ``BENCH_CACHE`` names the cache folder to start from
+    (default: a new empty one), so a bench can be run in parts, in book order."""
+    wanted = set(argv)
+    unknown = wanted - {p.stem for p in chapters()}
+    if unknown:
+        print(f"bench: not a chapter in _toc.yml: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    os.environ["SAFETYBOOK_CACHE"] = os.environ.get("BENCH_CACHE") or tempfile.mkdtemp(prefix="safetybook-bench-")
+    print("cache:", os.environ["SAFETYBOOK_CACHE"], flush=True)
+    old = {r["chapter"]: r for r in json.loads(OUT.read_text())} if wanted and OUT.exists() else {}
     for path in chapters():
+        if wanted and path.stem not in wanted:
+            continue
         row = run_chapter(path)
         print(f"{row['chapter']:40s} {row['wall_s']:7.1f} s  {row['peak_rss_mb']:6d} MB", flush=True)
-        rows.append(row)
+        old[row["chapter"]] = row
+    rows = [old[c] for c in (str(p.relative_to(ROOT)) for p in chapters()) if c in old]
     loads = {name: model_load_seconds(name) for name in ("base", "tuned")}
     print("model load (s):", loads)
     OUT.parent.mkdir(exist_ok=True)
@@ -95,4 +107,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
