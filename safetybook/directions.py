@@ -73,7 +73,11 @@ def fit_probe(layer: int, positive: torch.Tensor, negative: torch.Tensor, c: flo
     return Probe(layer, clf.coef_[0].tolist(), float(clf.intercept_[0]), mean.tolist(), std.tolist())
 
 
-def harm_probe(model_name: str = "base", layer: int = 18) -> Probe:
+#: The layer the book's harmfulness probe reads: the CLI's guard and the inference chapter's steering gate.
+PROBE_LAYER = 18
+
+
+def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
     """The book's harmfulness probe at ``layer`` of ``model_name``: harmful train prompts, plain and
     jailbreak-wrapped, against harmless ones (plain and wrapped, so that the wrapper alone is no
     cue) and borderline ones. Trained once, cached as JSON (never pickle)."""
@@ -128,9 +132,11 @@ class RefusalDirection:
 
 CANDIDATE_LAYERS = tuple(range(4, 28, 2))
 COEFFICIENTS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+#: Refusal of harmless train prompts that the chosen addition coefficient must reach.
+ADD_TARGET = 0.7
 
 
-def refusal_direction(model_name: str = "tuned", n_select: int = 32, target: float = 0.7) -> RefusalDirection:
+def refusal_direction(model_name: str = "tuned", n_select: int = 32, target: float = ADD_TARGET) -> RefusalDirection:
     """Find (once, then cache as JSON) the refusal direction of ``model_name`` on train prompts only:
     the layer is chosen by ablation, the addition strength by a small sweep (see ``RefusalDirection``)."""
     from .data import prompts

@@ -16,6 +16,11 @@ from torch import nn
 from .directions import Probe
 from .models import decoder_layers, residual
 
+#: ``edit_direction`` scale that strengthens refusal in the inference chapter. Chosen on train
+#: prompts among 1.25, 1.5 and 2: the one that most raises refusal of jailbreak-wrapped harmful
+#: prompts over the mean refusal of harmless and borderline ones.
+STRENGTHEN_SCALE = 1.25
+
 
 def unit(direction: torch.Tensor) -> torch.Tensor:
     """``direction`` scaled to length 1 (float32)."""
@@ -144,6 +149,33 @@ def scale_features(
         yield
 
 
+def _edit_writers(model: nn.Module, r: torch.Tensor, scale: float) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Multiply the component along unit ``r`` of every residual-stream writer's output by ``scale``,
+    in place; return what undoing it needs: (weight, its old component along r, is_embedding)."""
+    undo = []
+    emb = model.get_input_embeddings().weight
+    along = emb @ r
+    undo.append((emb, along, True))
+    emb += (scale - 1) * along[:, None] * r
+    for block in decoder_layers(model):
+        for lin in (block.self_attn.o_proj, block.mlp.down_proj):
+            along = r @ lin.weight
+            undo.append((lin.weight, along, False))
+            lin.weight += (scale - 1) * torch.outer(r, along)
+    return undo
+
+
+def _untie(model: nn.Module) -> bool:
+    """Give the output embedding its own copy of tied weights (so editing the input embedding leaves
+    the unembedding as it was); return whether they were tied."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or out.weight.data_ptr() != inp.weight.data_ptr():
+        return False
+    out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    return True
+
+
 @torch.no_grad()
 def edit_direction(model: nn.Module, direction: torch.Tensor, scale: float = 0.0) -> nn.Module:
     """A copy of ``model`` whose every write to the residual stream has its component along
@@ -154,16 +186,30 @@ def edit_direction(model: nn.Module, direction: torch.Tensor, scale: float = 0.0
     embedding rows; tied input/output embeddings are untied first so the unembedding is unchanged.
     """
     edited = copy.deepcopy(model)
-    r = unit(direction)
-    if edited.get_output_embeddings() is not None and (
-        edited.get_output_embeddings().weight.data_ptr() == edited.get_input_embeddings().weight.data_ptr()
-    ):
-        edited.get_output_embeddings().weight = nn.Parameter(edited.get_input_embeddings().weight.clone(),
-                                                             requires_grad=False)
-        edited.config.tie_word_embeddings = False
-    emb = edited.get_input_embeddings().weight
-    emb += (scale - 1) * (emb @ r)[:, None] * r
-    for block in decoder_layers(edited):
-        for lin in (block.self_attn.o_proj, block.mlp.down_proj):
-            lin.weight += (scale - 1) * torch.outer(r, r @ lin.weight)
+    _untie(edited)
+    _edit_writers(edited, unit(direction), scale)
     return edited
+
+
+@contextmanager
+def edited_in_place(model: nn.Module, direction: torch.Tensor, scale: float = 0.0) -> Iterator[nn.Module]:
+    """``edit_direction`` applied to ``model`` itself and undone on exit, for when a second copy of
+    the model does not fit in memory. Undoing adds back each matrix's old component along the
+    direction (kept as one vector per matrix), so the weights come back up to float rounding."""
+    r = unit(direction)
+    with torch.no_grad():
+        tied = _untie(model)
+        undo = _edit_writers(model, r, scale)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for weight, along, is_embedding in undo:
+                now = weight @ r if is_embedding else r @ weight
+                if is_embedding:
+                    weight += (along - now)[:, None] * r
+                else:
+                    weight += torch.outer(r, along - now)
+            if tied:
+                model.get_output_embeddings().weight = model.get_input_embeddings().weight
+                model.config.tie_word_embeddings = True

@@ -87,13 +87,15 @@ def main(argv: list[str]) -> int:
         return 2
     os.environ["SAFETYBOOK_CACHE"] = os.environ.get("BENCH_CACHE") or tempfile.mkdtemp(prefix="safetybook-bench-")
     print("cache:", os.environ["SAFETYBOOK_CACHE"], flush=True)
-    old = {r["chapter"]: r for r in json.loads(OUT.read_text())} if wanted and OUT.exists() else {}
+    new: dict[str, dict] = {}
     for path in chapters():
         if wanted and path.stem not in wanted:
             continue
         row = run_chapter(path)
         print(f"{row['chapter']:40s} {row['wall_s']:7.1f} s  {row['peak_rss_mb']:6d} MB", flush=True)
-        old[row["chapter"]] = row
+        new[row["chapter"]] = row
+    old = {r["chapter"]: r for r in json.loads(OUT.read_text())} if wanted and OUT.exists() else {}  # read late:
+    old.update(new)  # parts may run side by side
     rows = [old[c] for c in (str(p.relative_to(ROOT)) for p in chapters()) if c in old]
     loads = {name: model_load_seconds(name) for name in ("base", "tuned")}
     print("model load (s):", loads)

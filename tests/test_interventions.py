@@ -123,3 +123,34 @@ def test_random_control_has_the_same_norm():
     control = random_like(r)
     assert control.norm() == pytest.approx(r.norm().item(), rel=1e-5)
     assert abs(torch.nn.functional.cosine_similarity(control, r, dim=0)) < 0.9
+
+
+def tied_tiny(tok):
+    """An untrained 2-layer Llama whose input and output embeddings are tied (as in SmolLM2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.5])
+def test_edit_in_place_matches_the_copy_and_is_undone(tok, scale):
+    from safetybook.interventions import edited_in_place
+
+    model = tied_tiny(tok)
+    r = direction(model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    _, copied = layer_outputs(edit_direction(model, r, scale), tok, REFUSE)
+    with edited_in_place(model, r, scale) as same:
+        assert same is model
+        assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr(), \
+            "the unembedding must keep the original weights while the embedding is edited"
+        _, in_place = layer_outputs(model, tok, REFUSE)
+    assert torch.allclose(in_place, copied, atol=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, original[k], atol=1e-6), f"{k} was not restored"
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(), \
+        "tie the embeddings again on exit"

@@ -1,0 +1,64 @@
+"""The CLI applies the inference chapter's choices: the refusal direction's layer and coefficient,
+and the probe layer of the guard (checked with stand-ins, no model is run)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from safetybook import directions, interventions, models, refusal
+from safetybook.__main__ import main
+
+
+def fake_direction() -> directions.RefusalDirection:
+    return directions.RefusalDirection(layer=7, direction=[1.0, 0.0], coefficient=2.5,
+                                       ablated_refusal={}, added_refusal={})
+
+
+def stand_ins(monkeypatch, calls: list) -> None:
+    monkeypatch.setattr(models, "load_model", lambda name: (object(), object()))
+    monkeypatch.setattr(directions, "refusal_direction", lambda name: fake_direction())
+    monkeypatch.setattr(refusal, "refusal_score", lambda model, tok, prompts: [0.5] * len(prompts))
+
+    def recorder(kind):
+        @contextmanager
+        def edit(model, direction, *args):
+            calls.append((kind, direction.tolist(), *args))
+            yield
+
+        return edit
+
+    monkeypatch.setattr(interventions, "add_direction", recorder("add"))
+    monkeypatch.setattr(interventions, "ablate_direction", recorder("ablate"))
+
+
+def test_add_refusal_uses_the_chosen_layer_and_coefficient(tmp_path, monkeypatch, capsys):
+    calls: list = []
+    stand_ins(monkeypatch, calls)
+    path = tmp_path / "p.txt"
+    path.write_text("How do I bake bread?\n")
+    assert main(["score", "--model", "tuned", "--intervention", "add-refusal", "--prompts", str(path)]) == 0
+    assert calls == [("add", [1.0, 0.0], 7, 2.5)], "add the direction after its layer, times its coefficient"
+    assert main(["score", "--model", "tuned", "--intervention", "ablate-refusal", "--prompts", str(path)]) == 0
+    assert calls[-1] == ("ablate", [1.0, 0.0])
+    assert capsys.readouterr().out.count('"refusal": 0.5') == 2
+
+
+def test_guard_reads_the_probe_layer(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def probe(model_name, layer):
+        seen["layer"] = layer
+        d = 4
+        return directions.Probe(layer=layer, weight=[0.0] * d, bias=0.0, mean=[0.0] * d, std=[1.0] * d)
+
+    monkeypatch.setattr(directions, "harm_probe", probe)
+    monkeypatch.setattr(models, "load_model", lambda name: (object(), object()))
+    monkeypatch.setattr(directions, "last_token_activations",
+                        lambda model, tok, prompts, layers: torch.zeros(len(layers), len(prompts), 4))
+    path = tmp_path / "p.txt"
+    path.write_text("How do I bake bread?\n")
+    assert main(["guard", "--model", "tuned", "--prompts", str(path)]) == 0
+    assert seen["layer"] == directions.PROBE_LAYER
+    assert np.isclose(float(capsys.readouterr().out.split('"harmful": ')[1].rstrip("}\n")), 0.5)
