@@ -1,10 +1,10 @@
 """A small sparse autoencoder (SAE) on one layer's residual stream, trained on CPU in seconds.
 
 The SAE rewrites an activation ``x`` as a sparse, non-negative combination of learned directions
-(its *features*): ``f = relu((x·s - b_dec) W_enc + b_enc)``, ``x·s ≈ f W_dec + b_dec``, where ``s``
-rescales activations to a mean squared (centred) norm of ``d_model``. The loss is the reconstruction error
-plus an L1 penalty on ``f`` weighted by each decoder row's norm (Bricken et al. 2023;
-Templeton et al. 2024). Weights are cached as safetensors (never pickle).
+(its *features*): ``f = relu((x·s - b_dec) W_enc + b_enc)``, ``x·s ≈ f W_dec + b_dec``, where
+``s`` rescales activations to a mean squared (centred) norm of ``d_model``. The loss is the
+reconstruction error plus an L1 penalty on ``f`` weighted by each decoder row's norm (Bricken et
+al. 2023; Templeton et al. 2024). Weights are cached as safetensors (never pickle).
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ class SparseAutoencoder(nn.Module):
         return (f @ self.W_dec + self.b_dec) / self.scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reconstruction of ``x`` and its features."""
         f = self.encode(x)
         return self.decode(f), f
 
