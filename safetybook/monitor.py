@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 from .cache import cache_dir, digest, read_json, write_json
-from .directions import Probe, fit_probe, harm_probe, last_token_activations
+from .directions import PROBE_LAYER, Probe, fit_probe, harm_probe, last_token_activations
 from .models import decoder_layers, encode_chats, generate, residual
 
 #: What a blocked answer is replaced with.
 REFUSAL = "I'm sorry, but I can't help with that."
 
-#: The book's monitor layer, chosen by grouped cross-validation on the train split.
-MONITOR_LAYER = 18
+#: The monitor reads the book's harmfulness probe at its layer (chosen by grouped cross-validation
+#: on the train split), so the monitor, the guard CLI and the inference chapter share one probe.
+MONITOR_LAYER = PROBE_LAYER
 
 #: Words a naive output filter blocks on (matched as whole words in prompt or answer).
 KEYWORDS: tuple[str, ...] = (
