@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# progress bars in an executed notebook are widgets, whose JavaScript comes from a CDN
+export TQDM_DISABLE := 1
 
 .PHONY: book test lint bench clean setup
 setup: $(STAMP)

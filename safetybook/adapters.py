@@ -7,7 +7,10 @@ atomically, so an interrupted run never leaves a broken adapter behind.
 """
 from __future__ import annotations
 
+import os
 import random
+import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -182,7 +185,8 @@ def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
     saves = {round(steps * (k + 1) / settings.checkpoints) for k in range(settings.checkpoints)}  # evenly, last = end
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=steps, desc="LoRA safety fine-tune", disable=not progress)
+    # TQDM_DISABLE is tqdm's own switch, but its notebook bar ignores it; the book's build sets it
+    bar = tqdm(total=steps, desc="LoRA safety fine-tune", disable=not progress or bool(os.environ.get("TQDM_DISABLE")))
     lrs: list[float] = []  # learning rates since the last checkpoint
     for step in range(steps):
         opt.zero_grad()
@@ -208,8 +212,11 @@ def ensure_adapter(examples: list[Example], settings: LoraSettings, name: str = 
     path = adapter_path(examples, settings, name)
     with locked(path):  # a second process waits for the first one's training instead of repeating it
         if not (path / "adapter_model.safetensors").exists():
+            start = time.perf_counter()
             with atomic_dir(path) as tmp:
                 train_adapter(examples, settings, tmp)
+            # stderr: the CLI's stdout carries JSON lines only
+            print(f"trained the '{name}' adapter in {time.perf_counter() - start:.0f} s", file=sys.stderr)
             free_memory()  # the training copy of the model is gone; give its pages back
     return path
 

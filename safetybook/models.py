@@ -116,8 +116,9 @@ def _load_gguf() -> nn.Module:
 
 @contextmanager
 def _quiet():
-    """Silence transformers' loading messages and progress bars, and the GGUF converter's own bar
-    (which ignores transformers' switch)."""
+    """Silence transformers' loading messages and the GGUF converter's progress bar (which ignores
+    transformers' switch). Transformers' own progress bars stay off afterwards: in an executed notebook
+    they are ipywidgets, whose JavaScript an offline page cannot load, and the book downloads nothing."""
     import functools
 
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
@@ -133,7 +134,6 @@ def _quiet():
     finally:
         gguf_utils.tqdm = original
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
 
 
 _CACHE: dict[str, nn.Module] = {}

@@ -26,7 +26,7 @@ def toc_files() -> list[str]:
 def build():
     """Build and execute the whole book once, with warnings as errors (minutes)."""
     jb = Path(sys.executable).parent / "jupyter-book"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}  # no widget progress bars: see test_book
     result = subprocess.run([str(jb), "build", ".", "-W", "-n", "--keep-going"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=75 * 60, check=False)
     if result.returncode != 0:

@@ -36,3 +36,20 @@ def test_benchmark_on_the_status_page_covers_every_chapter(build):
     for page in toc_files():
         if page.startswith("chapters/"):
             assert f"`{page}.ipynb`" in bench, f"{page} missing from bench.md: run make bench"
+
+
+@pytest.mark.parametrize("page", toc_files())
+def test_page_loads_nothing_from_the_network(build, page):
+    """An offline reader cannot fetch a script, style or image from a CDN. Jupyter widgets (tqdm bars in a
+    kernel) are the usual culprit: myst-nb adds require.js and the widget manager from CDNs for them."""
+    html = (HTML / f"{page}.html").read_text()
+    external = re.findall(r'<(?:script|link|img|iframe)[^>]+(?:src|href)="(https?://[^"]+)"', html)
+    assert not external, f"{page} loads {external}"
+
+
+@pytest.mark.parametrize("page", [f for f in toc_files() if f.startswith("chapters/")])
+def test_executed_chapter_has_no_widgets(build, page):
+    """A widget's saved text is its first frame ("0%"), not its end: the library keeps progress bars out of
+    the build (TQDM_DISABLE, transformers' bars off)."""
+    executed = HTML.parent / "jupyter_execute" / f"{page}.ipynb"
+    assert "application/vnd.jupyter.widget-view+json" not in executed.read_text(), f"{page} has a widget output"
