@@ -47,6 +47,9 @@ class LoraSettings:
     #: Loss weight of a harmless example relative to a harmful one (>1 counters over-refusal).
     harmless_weight: float = 2.0
     seed: int = 0
+    #: CPU threads for training. How a matrix product is split over threads changes its rounding, so
+    #: a 1-thread and a 4-thread run give slightly different adapters: the count is fixed here.
+    threads: int = 2
 
 
 SETTINGS = LoraSettings()
@@ -163,6 +166,16 @@ def weighted_loss(model: nn.Module, tok, examples: list[Example], settings: Lora
 
 
 def train_adapter(examples: list[Example], settings: LoraSettings, folder: Path, progress: bool = True) -> None:
+    """Fine-tune LoRA on ``examples`` with ``settings.threads`` CPU threads; see ``_train``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        _train(examples, settings, folder, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(examples: list[Example], settings: LoraSettings, folder: Path, progress: bool) -> None:
     """Fine-tune LoRA on ``examples`` and save the adapter (and its checkpoints) into ``folder``.
 
     Checkpoints of the LoRA weights, with the mean learning rate since the previous one, are saved as safetensors

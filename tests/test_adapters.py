@@ -60,3 +60,19 @@ def test_harmless_weight_shifts_the_loss_towards_harmless_examples(tiny_model, t
     for w in (1.0, 3.0):
         expected = (harmful + w * harmless) / (1 + w)
         assert abs(weighted_loss(tiny_model, tok, batch, with_settings(harmless_weight=w)).item() - expected) < 1e-5
+
+
+def test_training_runs_on_the_settings_thread_count_and_restores_it(monkeypatch, tmp_path):
+    """Thread count changes rounding, so it is part of the adapter; the caller's count comes back."""
+    import torch
+
+    from safetybook import adapters
+
+    seen = []
+    monkeypatch.setattr(adapters, "_train", lambda *args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    settings = with_settings(threads=1 if before != 1 else 2)
+    adapters.train_adapter([], settings, tmp_path)
+    assert seen == [settings.threads]
+    assert torch.get_num_threads() == before
+    assert adapter_path([], settings, "x") != adapter_path([], with_settings(threads=settings.threads + 1), "x")
