@@ -85,6 +85,19 @@ def refusal_score(
     return scores
 
 
+def cached_refusal_score(model: nn.Module, tok, prompts: list[str]) -> list[float]:
+    """``refusal_score`` remembered on disk, keyed by the model's weights and the prompts, so that two
+    chapters scoring the same model on the same prompts (training and closing) compute it once."""
+    from .directions import fingerprint
+
+    path = cache_dir("scores") / f"{digest(fingerprint(model), prompts)}.json"
+    scores = read_json(path)
+    if scores is None:
+        scores = refusal_score(model, tok, prompts)
+        write_json(path, scores)
+    return scores
+
+
 def reference_answers(prompts: list[str], max_new_tokens: int = 40) -> list[str]:
     """The base model's own greedy answers to ``prompts``, generated once and cached on disk."""
     path = cache_dir("answers") / f"{digest(prompts, max_new_tokens)}.json"

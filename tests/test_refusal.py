@@ -93,3 +93,21 @@ def test_kl_cost_is_zero_for_the_reference_and_grows_with_an_edit(tiny_model, to
         edited.model.layers[1].mlp.down_proj.weight.add_(3.0 * torch.randn_like(edited.model.layers[1].mlp.down_proj.weight))
     large = kl_from_reference(edited, tok, COMPLY, answers, ref)
     assert 0 < small < large, "a larger edit must cost more"
+
+
+def test_cached_score_equals_the_score_and_follows_the_weights(tiny_model, tok, monkeypatch, tmp_path):
+    import copy
+
+    from safetybook import refusal
+
+    monkeypatch.setenv("SAFETYBOOK_CACHE", str(tmp_path))
+    prompts = REFUSE + COMPLY
+    fresh = refusal.refusal_score(tiny_model, tok, prompts)
+    assert refusal.cached_refusal_score(tiny_model, tok, prompts) == fresh
+    monkeypatch.setattr(refusal, "refusal_score", lambda *a, **k: pytest.fail("recomputed a cached score"))
+    assert refusal.cached_refusal_score(tiny_model, tok, prompts) == fresh  # read back exactly
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    monkeypatch.setattr(refusal, "refusal_score", lambda *a, **k: [0.5] * len(prompts))
+    assert refusal.cached_refusal_score(changed, tok, prompts) == [0.5] * len(prompts)  # new weights, new entry
