@@ -74,12 +74,12 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_guard(args: argparse.Namespace) -> None:
     from .data import read_prompt_file
-    from .directions import harm_probe, last_token_activations
+    from .directions import PROBE_LAYER, harm_probe, last_token_activations
     from .models import load_model, model_folder
 
     prompts = read_prompt_file(args.prompts)
     model_folder()
-    probe = harm_probe(args.model)  # at the book's PROBE_LAYER
+    probe = harm_probe(args.model, PROBE_LAYER)
     model, tok = load_model(args.model)
     acts = last_token_activations(model, tok, prompts, [probe.layer])[0]
     for prompt, p in zip(prompts, probe.predict(acts)):
