@@ -1,7 +1,7 @@
 # Interpretation for LLM Safety — build and test on a fresh machine.
 #   make book   set up .venv, then build and execute every chapter into _build/html
 #   make test   set up .venv, then run every test (unit tests and the full executed build)
-#   make bench  execute each chapter in a fresh kernel: wall time and peak memory -> _build/bench.json
+#   make bench  the same build from an empty cache (everything is trained again): _build/bench.json
 #   make lint   ruff over the library and tests
 PYTHON ?= python3
 VENV   := .venv
@@ -32,8 +32,11 @@ book: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -v -rs
 
+# Every executed build writes _build/bench.json (each chapter's wall time, peak memory and slowest
+# cells; _ext/bench.py). The bench is that build from a cold cache.
 bench: $(STAMP)
-	$(PY) tests/bench.py
+	rm -rf .cache
+	$(MAKE) book
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check safetybook tests _ext

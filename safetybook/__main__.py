@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m safetybook", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     score = sub.add_parser("score", help="probability that the model opens with a refusal")
-    score.add_argument("--model", default="base", help="base, tuned, repaired or a hub id")
+    score.add_argument("--model", default="base", help="base, tuned, repaired, control or a hub id")
     score.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
     score.add_argument("--intervention", choices=("ablate-refusal", "add-refusal"),
                        help="remove the model's refusal direction at every layer, or add it at its layer")
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--model", default="base", choices=("base", "tuned"), help="whose activations the probe reads")
     guard.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
     gen = sub.add_parser("generate", help="answers, verified by a monitor before they are shown")
-    gen.add_argument("--model", default="base", choices=("base", "tuned", "repaired"), help="which of the book's models")
+    gen.add_argument("--model", default="base", choices=("base", "tuned", "repaired", "control"),
+                     help="which of the book's models")
     gen.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
     gen.add_argument("--monitor", default="none", choices=("none", "probe", "self-check", "keyword"),
                      help="latent harmfulness probe, the model's self-check, or a keyword filter")
@@ -48,7 +49,8 @@ def _positive(text: str) -> int:
 
 def cmd_score(args: argparse.Namespace) -> None:
     from .data import read_prompt_file
-    from .models import load_model, model_folder
+    from .models import model_folder
+    from .zoo import load_model
 
     prompts = read_prompt_file(args.prompts)
     if "/" not in args.model:
@@ -60,8 +62,8 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     edit = nullcontext()
     if args.intervention:
-        from .directions import refusal_direction
         from .interventions import ablate_direction, add_direction
+        from .zoo import refusal_direction
 
         found = refusal_direction(args.model)
         edit = (ablate_direction(model, found.vector()) if args.intervention == "ablate-refusal"
@@ -74,8 +76,9 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_guard(args: argparse.Namespace) -> None:
     from .data import read_prompt_file
-    from .directions import PROBE_LAYER, harm_probe, last_token_activations
-    from .models import load_model, model_folder
+    from .directions import PROBE_LAYER, last_token_activations
+    from .models import model_folder
+    from .zoo import harm_probe, load_model
 
     prompts = read_prompt_file(args.prompts)
     model_folder()
@@ -86,16 +89,17 @@ def cmd_guard(args: argparse.Namespace) -> None:
         print(json.dumps({"prompt": prompt, "harmful": round(float(p), 4)}), flush=True)
 
 
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from .data import read_prompt_file
-    from .models import load_model, model_folder
+    from .models import model_folder
     from .monitor import checked_generate
+    from .zoo import load_model, monitor_probe
 
     prompts = read_prompt_file(args.prompts)
     model_folder()
+    probe, threshold = monitor_probe(args.model) if args.monitor == "probe" else (None, None)
     model, tok = load_model(args.model)
-    for row in checked_generate(model, tok, prompts, args.monitor, args.max_new_tokens, model_name=args.model):
+    for row in checked_generate(model, tok, prompts, args.monitor, args.max_new_tokens, probe=probe, threshold=threshold):
         print(json.dumps({"prompt": row.prompt, "response": row.response, "blocked": row.blocked,
                           "monitor_score": round(row.monitor_score, 4)}), flush=True)
 

@@ -1,6 +1,6 @@
 """The safety fine-tunes: LoRA adapters trained on the book's data, cached on disk.
 
-``load_model("tuned")`` (in ``models.py``) calls ``load_adapter_model("tuned")``: it loads the
+``zoo.load_model("tuned")`` calls ``ensure_adapter`` with the tuned recipe: it loads the
 adapter from the cache folder, or trains it first. The cache key is a hash of the training
 examples and the settings, so changing either retrains; the adapter folder is written
 atomically, so an interrupted run never leaves a broken adapter behind.
@@ -80,17 +80,6 @@ def safety_examples(split: str = "train") -> list[Example]:
     ]
 
 
-def recipe(name: str) -> tuple[list[Example], LoraSettings]:
-    """The training examples and settings behind a named adapter."""
-    if name == "tuned":
-        return safety_examples(), SETTINGS
-    if name == "repaired":
-        from .repair import repaired_examples
-
-        return repaired_examples(), SETTINGS
-    raise KeyError(name)
-
-
 def adapter_path(examples: list[Example], settings: LoraSettings, name: str = "adapter") -> Path:
     """Where an adapter for these examples and settings lives (the folder may not exist yet)."""
     key = digest([asdict(e) for e in examples], asdict(settings))
@@ -159,8 +148,12 @@ def answer_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def weighted_loss(model: nn.Module, tok, examples: list[Example], settings: LoraSettings) -> torch.Tensor:
-    """Mean answer-token loss per example, averaged with harmless examples weighted up."""
-    per_example = answer_losses(model, collate(tok, examples))
+    """Mean answer-token loss per example, averaged with harmless examples weighted up. The frozen
+    layers' output is reused, and the shared chat opening runs once per batch (``frozen.py``)."""
+    from .frozen import first_lora_layer, lower_states, shared_prefix_losses
+
+    lower = lower_states(model, first_lora_layer(model))
+    per_example = shared_prefix_losses(model, lower, [encode_example(tok, e) for e in examples])
     weights = torch.tensor([settings.harmless_weight if e.label != "harmful" else 1.0 for e in examples])
     return (weights * per_example).sum() / weights.sum()
 
@@ -240,12 +233,6 @@ def merged_model(path: Path) -> nn.Module:
 
     model = PeftModel.from_pretrained(load_base_fresh(), path)
     return model.merge_and_unload().eval().requires_grad_(False)
-
-
-def load_adapter_model(name: str) -> nn.Module:
-    """``tuned`` or ``repaired`` as a plain model (trained first if not cached)."""
-    examples, settings = recipe(name)
-    return merged_model(ensure_adapter(examples, settings, name))
 
 
 def with_settings(**changes) -> LoraSettings:

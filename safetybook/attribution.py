@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import Example, answer_losses, collate
+from .adapters import Example, encode_example
+from .frozen import first_lora_layer, lower_states, upper_losses
 from .models import load_tokenizer
 
 
@@ -45,8 +46,10 @@ def _lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size: int = 4):
     """Yield, per batch, ``{module name: [batch, out, in]}`` gradients of each example's mean
-    answer-token loss with respect to every LoRA weight matrix."""
+    answer-token loss with respect to every LoRA weight matrix. Layers below the first LoRA layer carry no
+    LoRA weights: their output is computed once per example and reused (``frozen.py``)."""
     linears = _lora_linears(model)
+    lower = lower_states(model, first_lora_layer(model))
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
 
@@ -59,8 +62,9 @@ def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size
 
     hooks = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
     try:
-        for start in range(0, len(examples), batch_size):
-            per_example = answer_losses(model, collate(tok, examples[start : start + batch_size]))
+        for first in range(0, len(examples), batch_size):
+            batch = examples[first : first + batch_size]
+            per_example = upper_losses(model, lower, [encode_example(tok, e) for e in batch])
             model.zero_grad(set_to_none=True)
             per_example.sum().backward()
             yield {n: torch.einsum("bto,bti->boi", outputs[n], inputs[n]) for n in linears}

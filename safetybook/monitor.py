@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache import cache_dir, digest, read_json, write_json
-from .directions import PROBE_LAYER, Probe, fit_probe, harm_probe, last_token_activations
+from .directions import PROBE_LAYER, Probe, fit_probe
 from .models import decoder_layers, encode_chats, generate, residual
 
 #: What a blocked answer is replaced with.
@@ -104,36 +103,18 @@ def probe_generate(
     return results
 
 
-def probe_threshold(model_name: str = "base", layer: int = MONITOR_LAYER, false_positive_rate: float = 0.05) -> float:
-    """A threshold for ``harm_probe(model_name, layer)`` that flags ``false_positive_rate`` of harmless
-    train prompts (plain and wrapped), from probes refit in 5 folds grouped by prompt, so that no
-    prompt is scored by a probe that saw it (the probe's own train scores would be overconfident)."""
+def held_out_threshold(acts: torch.Tensor, labels: np.ndarray, groups: list[int], layer: int,
+                       negatives: slice, false_positive_rate: float = 0.05) -> tuple[float, np.ndarray]:
+    """A probe threshold that flags ``false_positive_rate`` of the ``negatives`` rows, from probes refit in
+    5 folds grouped by prompt (``groups``), so that no prompt is scored by a probe that saw it (the
+    probe's own train scores would be overconfident). Returns the threshold and every held-out score."""
     from sklearn.model_selection import GroupKFold
 
-    from .data import prompts, wrap
-    from .models import load_model
-
-    harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
-    border = prompts("borderline", "train")
-    positive = harmful + wrap(harmful, "train")
-    negative = harmless + wrap(harmless, "train") + border
-    path = cache_dir("probes") / f"threshold-{model_name}-L{layer}-{false_positive_rate}-{digest(positive, negative)}.json"
-    cached = read_json(path)
-    if cached is not None:
-        return cached["threshold"]
-    model, tok = load_model(model_name)
-    acts = last_token_activations(model, tok, positive + negative, [layer])[0]
-    labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
-    groups = list(range(len(harmful))) * 2 + [len(harmful) + i for i in range(len(harmless))] * 2
-    groups += [len(harmful) + len(harmless) + i for i in range(len(border))]
     scores = np.zeros(len(labels))
     for train, held in GroupKFold(5).split(acts, labels, groups):
         pos, neg = [i for i in train if labels[i]], [i for i in train if not labels[i]]
         scores[held] = fit_probe(layer, acts[pos], acts[neg]).predict(acts[held])
-    harmless_scores = scores[len(positive) : len(positive) + 2 * len(harmless)]
-    threshold = float(np.quantile(harmless_scores, 1 - false_positive_rate))
-    write_json(path, {"threshold": threshold, "held_out_scores": scores.tolist()})
-    return threshold
+    return float(np.quantile(scores[negatives], 1 - false_positive_rate)), scores
 
 
 @torch.no_grad()
@@ -165,20 +146,20 @@ def checked_generate(
     prompts: list[str],
     monitor: str = "none",
     max_new_tokens: int = 24,
-    model_name: str = "base",
+    probe: Probe | None = None,
     threshold: float | None = None,
     every_token: bool = False,
 ) -> list[Checked]:
     """Answers to ``prompts`` verified by ``monitor`` (none, probe, self-check or keyword) before output.
 
-    ``threshold`` defaults to the train-split choice for the probe and to 0.5 (Yes beats No) for
-    the self-check. The probe is read at the prompt's last token only unless ``every_token``: it
+    The probe monitor needs ``probe`` and its ``threshold`` (``zoo.monitor_probe`` gives the book's,
+    chosen on the train split); the self-check's threshold defaults to 0.5 (Yes beats No). The probe is read at the prompt's last token only unless ``every_token``: it
     was fit and its threshold chosen at that position, and read at generated tokens it also fires
     on harmless answers (the generation chapter measures how often)."""
     if monitor == "probe":
-        probe = harm_probe(model_name, MONITOR_LAYER)
-        thr = probe_threshold(model_name, MONITOR_LAYER) if threshold is None else threshold
-        return probe_generate(model, tok, prompts, probe, thr, max_new_tokens, every_token=every_token)
+        if probe is None or threshold is None:
+            raise ValueError("the probe monitor needs a probe and a threshold: see zoo.monitor_probe")
+        return probe_generate(model, tok, prompts, probe, threshold, max_new_tokens, every_token=every_token)
     if monitor not in ("none", "self-check", "keyword"):
         raise ValueError(f"unknown monitor {monitor!r}: use none, probe, self-check or keyword")
     t0 = time.perf_counter()

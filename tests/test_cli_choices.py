@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from safetybook import directions, interventions, models, refusal
+from safetybook import directions, interventions, refusal, zoo
 from safetybook.__main__ import main
 
 
@@ -17,8 +17,8 @@ def fake_direction() -> directions.RefusalDirection:
 
 
 def stand_ins(monkeypatch, calls: list) -> None:
-    monkeypatch.setattr(models, "load_model", lambda name: (object(), object()))
-    monkeypatch.setattr(directions, "refusal_direction", lambda name: fake_direction())
+    monkeypatch.setattr(zoo, "load_model", lambda name: (object(), object()))
+    monkeypatch.setattr(zoo, "refusal_direction", lambda name: fake_direction())
     monkeypatch.setattr(refusal, "refusal_score", lambda model, tok, prompts: [0.5] * len(prompts))
 
     def recorder(kind):
@@ -53,8 +53,8 @@ def test_guard_reads_the_probe_layer(tmp_path, monkeypatch, capsys):
         d = 4
         return directions.Probe(layer=layer, weight=[0.0] * d, bias=0.0, mean=[0.0] * d, std=[1.0] * d)
 
-    monkeypatch.setattr(directions, "harm_probe", probe)
-    monkeypatch.setattr(models, "load_model", lambda name: (object(), object()))
+    monkeypatch.setattr(zoo, "harm_probe", probe)
+    monkeypatch.setattr(zoo, "load_model", lambda name: (object(), object()))
     monkeypatch.setattr(directions, "last_token_activations",
                         lambda model, tok, prompts, layers: torch.zeros(len(layers), len(prompts), 4))
     path = tmp_path / "p.txt"

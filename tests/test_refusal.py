@@ -111,3 +111,40 @@ def test_cached_score_equals_the_score_and_follows_the_weights(tiny_model, tok, 
         next(changed.parameters()).add_(0.01)
     monkeypatch.setattr(refusal, "refusal_score", lambda *a, **k: [0.5] * len(prompts))
     assert refusal.cached_refusal_score(changed, tok, prompts) == [0.5] * len(prompts)  # new weights, new entry
+
+
+def test_a_hooked_model_is_never_read_from_the_cache(tiny_model, tok, monkeypatch, tmp_path):
+    """An intervention hooks the model without changing its weights: its scores must be computed."""
+    from safetybook import refusal
+
+    monkeypatch.setenv("SAFETYBOOK_CACHE", str(tmp_path))
+    prompts = REFUSE[:2]
+    plain = refusal.cached_refusal_score(tiny_model, tok, prompts)
+    layer = tiny_model.model.layers[0]
+    handle = layer.register_forward_hook(lambda _m, _i, out: out * 0)
+    try:
+        assert refusal.has_hooks(tiny_model)
+        hooked = refusal.cached_refusal_score(tiny_model, tok, prompts)
+    finally:
+        handle.remove()
+    assert hooked != plain
+    assert refusal.cached_refusal_score(tiny_model, tok, prompts) == plain
+
+
+def test_merged_opening_paths_give_the_naive_score(tiny_model, tok):
+    """Each opening's probability, computed the slow way (one forward pass per opening), sums to the score."""
+    from safetybook.models import chat_text
+    from safetybook.refusal import _opening_paths
+
+    leaves, which = _opening_paths(opening_ids(tok))
+    assert len(leaves) < len(REFUSAL_OPENINGS)
+    for o, j in zip(opening_ids(tok), which):
+        assert (j == -1) == (len(o) == 1) and (j == -1 or leaves[j][: len(o) - 1] == o[:-1])
+    prompts = [REFUSE[0], COMPLY[0]]
+    for prompt, score in zip(prompts, refusal_score(tiny_model, tok, prompts)):
+        context = tok(chat_text(tok, prompt), add_special_tokens=False).input_ids
+        naive = 0.0
+        for o in opening_ids(tok):
+            logp = tiny_model(input_ids=torch.tensor([context + o])).logits[0].log_softmax(-1)
+            naive += math.exp(sum(logp[len(context) - 1 + k, t].item() for k, t in enumerate(o)))
+        assert score == pytest.approx(min(naive, 1.0), abs=1e-5)

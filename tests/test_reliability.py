@@ -79,7 +79,7 @@ def test_two_runs_give_the_same_adapter_and_the_same_scores(tmp_path):
         from pathlib import Path
         from safetybook.adapters import merged_model
         from safetybook.directions import fit_probe, last_token_activations
-        from safetybook.models import load_model
+        from safetybook.zoo import load_model
         from safetybook.refusal import refusal_score
 
         folder = Path(ensure_adapter(examples, with_settings(**SMALL_SETTINGS), "small"))

@@ -16,7 +16,7 @@ PLAN = {"removed": [0, 1, 2, 25], "counter_examples": [{"prompt": "kill a proces
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(repair, "recipe", lambda name: (EXAMPLES, None))
+    monkeypatch.setattr(repair, "safety_examples", lambda: EXAMPLES)
     monkeypatch.setattr(repair, "repair_plan", lambda settings=repair.REPAIR: PLAN)
 
 

@@ -1,0 +1,182 @@
+"""Train and attribute on the adapted layers only.
+
+The book's LoRA adapters sit on the upper decoder layers (14–29). The layers below are frozen and
+the same for every adapter, training step, seed and attribution pass, so their output for a
+training sequence is computed once (``LowerStates``) and the upper layers are run on it
+(``upper_only``). The forward pass through the model then costs the upper layers only.
+
+Training goes one step further (``shared_prefix_losses``): every chat sequence opens with the same
+system prompt and user header. Its keys and values in the upper layers depend on the adapter, so
+they are recomputed at every step, but once for the whole mini-batch instead of once per example.
+Both shortcuts compute the same losses and gradients as a full forward pass, up to rounding.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .models import residual
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (its LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def first_lora_layer(model: nn.Module) -> int:
+    """The lowest decoder layer that holds LoRA weights: every layer below it is frozen (0 for a
+    model without LoRA, or one whose names do not say)."""
+    found = [int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_modules()
+             if ".lora_" in n and ".layers." in n]
+    return min(found, default=0)
+
+
+def _stack_owner(model: nn.Module) -> nn.Module:
+    inner = causal_lm(model)
+    while not hasattr(inner, "layers"):
+        inner = inner.model
+    return inner
+
+
+@contextmanager
+def layer_slice(model: nn.Module, start: int, stop: int | None = None) -> Iterator[None]:
+    """Run only decoder layers ``start:stop`` while the block is open (their attention layers are
+    renumbered from 0, so a key-value cache made inside the block lines up with them)."""
+    owner = _stack_owner(model)
+    layers = owner.layers
+    kept = list(layers)[start:stop]
+    numbers = [layer.self_attn.layer_idx for layer in kept]
+    owner.layers = nn.ModuleList(kept)
+    for j, layer in enumerate(kept):
+        layer.self_attn.layer_idx = j
+    try:
+        yield
+    finally:
+        owner.layers = layers
+        for layer, number in zip(kept, numbers):
+            layer.self_attn.layer_idx = number
+
+
+def upper_only(model: nn.Module, start: int):
+    """Run decoder layers ``start`` and above; feed them ``inputs_embeds`` from ``LowerStates``."""
+    return layer_slice(model, start)
+
+
+class LowerStates:
+    """The residual stream entering layer ``start`` for token sequences, computed once each.
+
+    Each sequence runs alone (no padding), so its states do not depend on which batch asked first:
+    training repeats exactly whatever else ran before it in the process.
+    """
+
+    def __init__(self, model: nn.Module, start: int):
+        self.model, self.start = model, start
+        self._memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        """``[len(ids), d_model]``."""
+        key = tuple(ids)
+        if key not in self._memo:
+            lm = causal_lm(self.model)
+            if self.start == 0:
+                self._memo[key] = lm.get_input_embeddings()(torch.tensor([ids]))[0]
+            else:
+                captured = {}
+                last = _stack_owner(self.model).layers[self.start - 1]
+                hook = last.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", residual(out)))
+                try:
+                    with layer_slice(self.model, 0, self.start):
+                        lm.model(input_ids=torch.tensor([ids]), use_cache=False)
+                finally:
+                    hook.remove()
+                self._memo[key] = captured["h"][0].detach()
+        return self._memo[key]
+
+    def padded(self, sequences: list[list[int]], skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded states ``[batch, width, d]`` of ``sequences[i][skip:]``, and their mask."""
+        states = [self(ids)[skip:] for ids in sequences]
+        width = max(len(s) for s in states)
+        out = torch.zeros(len(states), width, states[0].shape[-1])
+        mask = torch.zeros(len(states), width, dtype=torch.long)
+        for i, s in enumerate(states):
+            out[i, : len(s)], mask[i, : len(s)] = s, 1
+        return out, mask
+
+
+_SHARED: dict[tuple[str, int], LowerStates] = {}
+
+
+def lower_states(model: nn.Module, start: int) -> LowerStates:
+    """The ``LowerStates`` of ``model`` below ``start``, shared by every training and attribution pass in
+    the process whose frozen layers have the same weights (they do for every adapter of the book)."""
+    from .cache import digest
+
+    owner = _stack_owner(model)
+    frozen = [causal_lm(model).get_input_embeddings()] + list(owner.layers)[:start]
+    with torch.no_grad():
+        key = (digest([round(float(p.double().sum()), 6) for m in frozen for p in m.parameters()]), start)
+    if key not in _SHARED:
+        _SHARED.clear()  # one set of frozen weights at a time: a process trains one base model
+        _SHARED[key] = LowerStates(model, start)
+    return _SHARED[key]
+
+
+def _losses_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    mask = targets != -100
+    return (nll * mask).sum(1) / mask.sum(1)
+
+
+def _padded_labels(labels: list[list[int]], width: int) -> torch.Tensor:
+    return torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+
+
+def upper_losses(model: nn.Module, lower: LowerStates, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Each example's mean answer-token loss, run on the upper layers only (per-example gradients
+    stay separable: TracIn's hooks see each example's own tokens)."""
+    states, mask = lower.padded([ids for ids, _ in pairs])
+    labels = _padded_labels([lab for _, lab in pairs], states.shape[1])
+    first = int((labels != -100).int().argmax(1).min())
+    keep = labels.shape[1] - first + 1
+    with upper_only(model, lower.start):
+        logits = causal_lm(model)(inputs_embeds=states, attention_mask=mask, use_cache=False,
+                                  logits_to_keep=keep).logits
+    return _losses_from_logits(logits, labels[:, first:])
+
+
+def common_prefix(sequences: list[list[int]]) -> int:
+    """Length of the longest token prefix that all ``sequences`` share."""
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != sequences[0][i] for s in sequences):
+            return i
+    return n
+
+
+def shared_prefix_losses(model: nn.Module, lower: LowerStates, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Like ``upper_losses``, but the shared opening of the sequences (system prompt, user header) runs
+    through the upper layers once, and the rest of each sequence attends to its keys and values."""
+    sequences = [ids for ids, _ in pairs]
+    answers_from = min(next(i for i, t in enumerate(lab) if t != -100) for _, lab in pairs)
+    shared = min(common_prefix(sequences), answers_from - 1)  # the last prompt token predicts the answer
+    if shared < 2 or len(pairs) == 1:
+        return upper_losses(model, lower, pairs)
+    lm = causal_lm(model)
+    prefix = lower(sequences[0][:shared])[None]
+    rest, mask = lower.padded(sequences, skip=shared)
+    batch, width = mask.shape
+    labels = _padded_labels([lab[shared:] for _, lab in pairs], width)
+    first = int((labels != -100).int().argmax(1).min())
+    keep = width - first + 1
+    with upper_only(model, lower.start):
+        cache = lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(batch)
+        positions = (shared + torch.arange(width)).expand(batch, width)
+        attention = torch.cat([torch.ones(batch, shared, dtype=torch.long), mask], dim=1)
+        logits = lm(inputs_embeds=rest, attention_mask=attention, position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=keep).logits
+    return _losses_from_logits(logits, labels[:, first:])

@@ -1,0 +1,168 @@
+"""The book's named models and artifacts: each is built on first use, cached under ``.cache/``
+keyed by everything it depends on, and shared by every chapter and the CLI.
+
+This is the library's top floor: it may call training, attribution and measurement, and nothing
+below it imports it. Everything below takes a model as an argument, so the tests can hand it a
+tiny one.
+
+- models: ``"base"`` (the embedded SmolLM2-135M-Instruct), ``"tuned"`` (the safety fine-tune),
+  ``"repaired"`` (its attribution-guided repair), ``"control"`` (the repair's random-removal control),
+  or a hub id with a ``/`` (needs network; never used by the book itself);
+- artifacts: the harmfulness probe (``harm_probe``), the monitor's threshold
+  (``probe_threshold``), and the refusal direction (``refusal_direction``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import SETTINGS, Example, LoraSettings, ensure_adapter, merged_model, safety_examples
+from .cache import cache_dir, computing, digest, read_json, write_json
+from .data import prompts, wrap
+from .directions import (
+    ADD_TARGET,
+    CANDIDATE_LAYERS,
+    COEFFICIENTS,
+    PROBE_LAYER,
+    Probe,
+    RefusalDirection,
+    fit_probe,
+    last_token_activations,
+)
+from .interventions import select_refusal_direction
+from .models import LOADED, TOKENIZERS, ModelError, fingerprint, load_base, tokenizer_for, unload_model
+from .monitor import MONITOR_LAYER, held_out_threshold
+
+__all__ = ["LOCAL_NAMES", "harm_probe", "load_model", "monitor_probe", "probe_threshold", "recipe",
+           "refusal_direction", "unload_model"]
+
+LOCAL_NAMES = ("base", "tuned", "repaired", "control")
+
+
+def recipe(name: str) -> tuple[list[Example], LoraSettings]:
+    """The training examples and settings behind a named adapter."""
+    from . import repair
+
+    if name == "tuned":
+        return safety_examples(), SETTINGS
+    if name == "repaired":
+        return repair.repaired_examples(), SETTINGS
+    if name == "control":
+        return repair.control_examples(), SETTINGS
+    raise KeyError(name)
+
+
+def load_model(name: str = "base"):
+    """Return ``(model, tok)`` for ``name``, loading it once per process (``unload_model`` frees it).
+
+    The fine-tunes are trained on first use and then loaded from the cache in seconds.
+    """
+    if name in LOADED:
+        return LOADED[name], tokenizer_for(name)
+    if name == "base":
+        load_base()
+    elif name in LOCAL_NAMES:
+        examples, settings = recipe(name)
+        LOADED[name] = merged_model(ensure_adapter(examples, settings, name))
+    elif "/" in name:
+        LOADED[name] = _load_hub(name)
+    else:
+        raise ModelError(
+            f"unknown model name {name!r}: use one of {', '.join(LOCAL_NAMES)} or a hub id like org/model"
+        )
+    return LOADED[name], tokenizer_for(name)
+
+
+def _load_hub(name: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types; the reader needs one line
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "HF_HUB_OFFLINE=1 is set" if offline else type(err).__name__
+        raise ModelError(f"could not load hub model {name!r} ({why}); it needs network access") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    TOKENIZERS[name] = tok
+    return model.eval().requires_grad_(False)
+
+
+def _weights_key(model_name: str) -> str:
+    """'' for the embedded base model (it never changes); a fine-tune's weights otherwise."""
+    return "" if model_name == "base" else fingerprint(load_model(model_name)[0])
+
+
+def _probe_sets() -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+    harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
+    return harmful, harmless, prompts("borderline", "train"), wrap(harmful, "train"), wrap(harmless, "train")
+
+
+def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
+    """The book's harmfulness probe at ``layer`` of ``model_name``: harmful train prompts, plain and
+    jailbreak-wrapped, against harmless ones (plain and wrapped, so that the wrapper alone is no
+    cue) and borderline ones. Trained once, cached as JSON (never pickle)."""
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = _probe_sets()
+    positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
+    weights = _weights_key(model_name)
+    key = digest(positive, negative) if not weights else digest(positive, negative, weights)
+    path = cache_dir("probes") / f"harm-{model_name}-L{layer}-{key}.json"
+    cached = read_json(path)
+    if cached is not None:
+        return Probe(**cached)
+    with computing(f"the harmfulness probe of '{model_name}' at layer {layer}"):
+        model, tok = load_model(model_name)
+        pos = last_token_activations(model, tok, positive, [layer])[0]
+        neg = last_token_activations(model, tok, negative, [layer])[0]
+        probe = fit_probe(layer, pos, neg)
+        write_json(path, asdict(probe))
+    return probe
+
+
+def probe_threshold(model_name: str = "base", layer: int = MONITOR_LAYER, false_positive_rate: float = 0.05) -> float:
+    """The monitor's threshold for ``harm_probe(model_name, layer)``: it flags ``false_positive_rate``
+    of harmless train prompts (plain and wrapped), scored by probes that did not see them
+    (``monitor.held_out_threshold``). Computed once, cached as JSON."""
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = _probe_sets()
+    positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
+    path = cache_dir("probes") / f"threshold-{model_name}-L{layer}-{false_positive_rate}-{digest(positive, negative)}.json"
+    cached = read_json(path)
+    if cached is not None:
+        return cached["threshold"]
+    with computing(f"the monitor's threshold for '{model_name}' at layer {layer}"):
+        model, tok = load_model(model_name)
+        acts = last_token_activations(model, tok, positive + negative, [layer])[0]
+        labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
+        groups = list(range(len(harmful))) * 2 + [len(harmful) + i for i in range(len(harmless))] * 2
+        groups += [len(harmful) + len(harmless) + i for i in range(len(border))]
+        harmless_rows = slice(len(positive), len(positive) + 2 * len(harmless))
+        threshold, scores = held_out_threshold(acts, labels, groups, layer, harmless_rows, false_positive_rate)
+        write_json(path, {"threshold": threshold, "held_out_scores": scores.tolist()})
+    return threshold
+
+
+def monitor_probe(model_name: str = "base") -> tuple[Probe, float]:
+    """The latent monitor's probe and threshold for ``model_name`` (for ``monitor.checked_generate``)."""
+    return harm_probe(model_name, MONITOR_LAYER), probe_threshold(model_name, MONITOR_LAYER)
+
+
+def refusal_direction(model_name: str = "tuned", n_select: int = 32, target: float = ADD_TARGET) -> RefusalDirection:
+    """The refusal direction of ``model_name``, chosen on train prompts only
+    (``interventions.select_refusal_direction``), found once and cached as JSON."""
+    model, tok = load_model(model_name)
+    harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
+    key = digest(fingerprint(model), harmful, harmless, n_select, target, CANDIDATE_LAYERS, COEFFICIENTS)
+    path = cache_dir("directions") / f"refusal-{model_name}-{key}.json"
+    cached = read_json(path)
+    if cached is not None:
+        return RefusalDirection(**cached)
+    with computing(f"the refusal direction of '{model_name}'"):
+        result = select_refusal_direction(model, tok, harmful, harmless, n_select, target)
+        write_json(path, asdict(result))
+    return result
