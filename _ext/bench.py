@@ -27,7 +27,7 @@ SLOWEST = 5
 REFERENCE = """
 import time
 from safetybook.data import prompts
-from safetybook.models import load_model
+from safetybook.zoo import load_model
 from safetybook.refusal import refusal_score
 model, tok = load_model("base")
 fixed = prompts("harmful", "train")[:16] + prompts("harmless", "train")[:16]

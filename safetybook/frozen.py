@@ -12,6 +12,7 @@ Both shortcuts compute the same losses and gradients as a full forward pass, up 
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -108,17 +109,22 @@ class LowerStates:
 
 
 _SHARED: dict[tuple[str, int], LowerStates] = {}
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the hash of its frozen layers
 
 
 def lower_states(model: nn.Module, start: int) -> LowerStates:
     """The ``LowerStates`` of ``model`` below ``start``, shared by every training and attribution pass in
-    the process whose frozen layers have the same weights (they do for every adapter of the book)."""
+    the process whose frozen layers have the same weights (they do for every adapter of the book).
+    The weights are hashed once per model object: the layers below ``start`` never train."""
     from .cache import digest
 
-    owner = _stack_owner(model)
-    frozen = [causal_lm(model).get_input_embeddings()] + list(owner.layers)[:start]
-    with torch.no_grad():
-        key = (digest([round(float(p.double().sum()), 6) for m in frozen for p in m.parameters()]), start)
+    if start not in _KEYS.get(model, {}):
+        owner = _stack_owner(model)
+        frozen = [causal_lm(model).get_input_embeddings()] + list(owner.layers)[:start]
+        with torch.no_grad():
+            sums = [round(float(p.double().sum()), 6) for m in frozen for p in m.parameters()]
+        _KEYS.setdefault(model, {})[start] = (digest(sums), start)  # no reference to the model: it can be freed
+    key = _KEYS[model][start]
     if key not in _SHARED:
         _SHARED.clear()  # one set of frozen weights at a time: a process trains one base model
         _SHARED[key] = LowerStates(model, start)

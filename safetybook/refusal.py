@@ -41,6 +41,44 @@ def is_refusal_text(text: str) -> bool:
     return text.lstrip().startswith(REFUSAL_OPENINGS)
 
 
+def _prompt_forward(model: nn.Module, enc: dict[str, torch.Tensor]):
+    """The model's forward pass on a left-padded batch of chat prompts, with a key-value cache for the
+    continuation; returns the output and the attention mask the cache lines up with.
+
+    Every chat prompt opens with the same tokens (the system prompt and the user header). When the
+    model has no hooks, that opening runs once and every prompt attends to its keys and values:
+    ``[opening][padding][rest]`` computes what ``[padding][opening][rest]`` does. A hooked model (an
+    intervention that may depend on positions) gets the plain forward pass.
+    """
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    lengths = mask.sum(-1)
+    rows = [ids[i, ids.shape[1] - int(n) :].tolist() for i, n in enumerate(lengths)]
+    shared = _shared_length(rows)
+    if has_hooks(model) or shared < 8 or len(rows) < 2:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return out, mask
+    prefix = model(input_ids=torch.tensor([rows[0][:shared]]), use_cache=True, logits_to_keep=1).cache
+    prefix.batch_repeat_interleave(len(rows))
+    width = max(len(r) for r in rows) - shared
+    rest = torch.tensor([[0] * (width - len(r) + shared) + r[shared:] for r in rows])
+    rest_mask = torch.tensor([[0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows])
+    full_mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long), rest_mask], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    out = model(input_ids=rest, attention_mask=full_mask, position_ids=positions, cache=prefix, use_cache=True,
+                logits_to_keep=1)
+    return out, full_mask
+
+
+def _shared_length(rows: list[list[int]]) -> int:
+    """How many leading tokens all ``rows`` share, keeping at least one token of each row after it."""
+    n = min(len(r) for r in rows) - 1
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return max(n, 0)
+
+
 def _opening_paths(openings: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """The openings' token paths after their first token, merged: each opening but its last token
     lies along one of a few *leaf* sequences (``"I'm not"`` covers ``"I'm sorry"``, ``"I'm unable"``
@@ -91,11 +129,8 @@ def refusal_score(
     scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
         enc = encode_chats(tok, prompts[start : start + batch_size], system)
-        mask = enc["attention_mask"]
+        out, mask = _prompt_forward(model, enc)
         batch = len(mask)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
-                    use_cache=True, logits_to_keep=1)
         total = out.logits[:, -1].float().log_softmax(-1)[:, first]  # [batch, opening]: first tokens
         cache = out.cache
         cache.batch_repeat_interleave(n_leaf)
