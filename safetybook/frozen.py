@@ -74,8 +74,20 @@ class LowerStates:
     """
 
     def __init__(self, model: nn.Module, start: int):
-        self.model, self.start = model, start
+        self.start = start
+        self.use(model)
         self._memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def use(self, model: nn.Module) -> None:
+        """Compute new states with ``model`` (held weakly: the states outlive the models that made them)."""
+        self._model = weakref.ref(model)
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model these states are computed with is gone: get them from lower_states(model)")
+        return model
 
     @torch.no_grad()
     def __call__(self, ids: list[int]) -> torch.Tensor:
@@ -128,6 +140,7 @@ def lower_states(model: nn.Module, start: int) -> LowerStates:
     if key not in _SHARED:
         _SHARED.clear()  # one set of frozen weights at a time: a process trains one base model
         _SHARED[key] = LowerStates(model, start)
+    _SHARED[key].use(model)
     return _SHARED[key]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -56,12 +57,35 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 @lru_cache(maxsize=1)
 def load_tokenizer():
-    """The SmolLM2 tokenizer, read from the GGUF file (left padding, for batched generation)."""
+    """The SmolLM2 tokenizer (left padding, for batched generation), from ``tokenizer_snapshot()``."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_folder(), gguf_file=GGUF_FILE)
+    tok = AutoTokenizer.from_pretrained(tokenizer_snapshot())
     tok.padding_side = "left"
     return tok
+
+
+def tokenizer_snapshot() -> Path:
+    """A folder with the tokenizer read from the GGUF file, saved in transformers' own format once.
+
+    Reading the tokenizer out of the GGUF file parses the whole file (about 10 s); the saved
+    tokenizer loads in a fraction of a second. Keyed like ``base_snapshot``, written atomically.
+    """
+    import transformers
+
+    from .cache import atomic_dir, cache_dir, computing, digest, locked
+
+    gguf = model_folder() / GGUF_FILE
+    path = cache_dir("tokenizer") / f"smollm2-{digest(gguf.stat().st_size, MODEL_PIN, transformers.__version__)}"
+    with locked(path):
+        if not (path / "tokenizer_config.json").exists():
+            from transformers import AutoTokenizer
+
+            with computing("the tokenizer from the GGUF file"), _quiet():
+                tok = AutoTokenizer.from_pretrained(model_folder(), gguf_file=GGUF_FILE)
+                with atomic_dir(path) as tmp:
+                    tok.save_pretrained(tmp)
+    return path
 
 
 def load_base_fresh() -> nn.Module:
@@ -151,6 +175,21 @@ def load_base() -> nn.Module:
     if "base" not in LOADED:
         LOADED["base"] = load_base_fresh()
     return LOADED["base"]
+
+
+@contextmanager
+def borrowed_base() -> Iterator[nn.Module]:
+    """The base model for a computation inside the library: the loaded one if a chapter holds it,
+    else a copy that is given back afterwards, so the library never leaves a model in memory."""
+    if "base" in LOADED:
+        yield LOADED["base"]
+        return
+    model = load_base_fresh()
+    try:
+        yield model
+    finally:
+        del model
+        free_memory()
 
 
 def unload_model(name: str) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .cache import cache_dir, computing, digest, read_json, write_json
-from .models import chat_text, fingerprint, generate, load_base
+from .models import borrowed_base, chat_text, fingerprint, generate
 
 #: Ways a refusal opens. No opening's tokens are a prefix of another's, so their
 #: probabilities add up to the probability of opening with any of them.
@@ -183,8 +183,8 @@ def reference_answers(prompts: list[str], max_new_tokens: int = 40) -> list[str]
         return cached
     from .models import load_tokenizer
 
-    with computing(f"the base model's answers to {len(prompts)} prompts"):
-        answers = generate(load_base(), load_tokenizer(), prompts, max_new_tokens=max_new_tokens)
+    with computing(f"the base model's answers to {len(prompts)} prompts"), borrowed_base() as base:
+        answers = generate(base, load_tokenizer(), prompts, max_new_tokens=max_new_tokens)
     write_json(path, answers)
     return answers
 
@@ -213,6 +213,8 @@ def answer_nll(model: nn.Module, tok, prompts: list[str], answers: list[str]) ->
 
 
 TOP_K = 50
+#: The base model's reference distributions, by prompt set (the base model never changes).
+_BASE_REFERENCES: dict = {}
 #: The reference distributions of each live reference model, by prompt set.
 _REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -250,16 +252,22 @@ def harmless_cost(model: nn.Module, tok, prompts: list[str], reference: nn.Modul
     """How far ``model`` has moved from ``reference`` (default: the base model) on harmless prompts:
     the mean KL divergence per token along the base model's own answers (0 for the reference itself).
 
-    The reference's distributions are computed on first use and kept as long as the reference model
-    lives. To measure an intervention on a model (hooks, or weights edited in place), first call this
-    once on the unedited model as its own reference, ``harmless_cost(model, tok, prompts, reference=model)``;
-    later calls inside the intervention then compare against the unedited distributions.
+    The reference's distributions are computed on first use and kept: the base model's for the
+    process, another reference's as long as that model lives. To measure an intervention on a model
+    (hooks, or weights edited in place), first call this once on the unedited model as its own
+    reference, ``harmless_cost(model, tok, prompts, reference=model)``; later calls inside the
+    intervention then compare against the unedited distributions.
     """
-    reference = load_base() if reference is None else reference
     answers = reference_answers(prompts)
+    key = tuple(prompts)
+    if reference is None:
+        if key not in _BASE_REFERENCES:
+            with borrowed_base() as base:
+                _BASE_REFERENCES[key] = reference_distributions(base, tok, prompts, answers)
+        return kl_from_reference(model, tok, prompts, answers, _BASE_REFERENCES[key])
     kept = _REFERENCES.setdefault(reference, {})
-    if tuple(prompts) not in kept:
+    if key not in kept:
         if has_hooks(reference):
             raise ValueError("the reference model is hooked: measure it once unedited before the intervention")
-        kept[tuple(prompts)] = reference_distributions(reference, tok, prompts, answers)
-    return kl_from_reference(model, tok, prompts, answers, kept[tuple(prompts)])
+        kept[key] = reference_distributions(reference, tok, prompts, answers)
+    return kl_from_reference(model, tok, prompts, answers, kept[key])

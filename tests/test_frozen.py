@@ -78,3 +78,22 @@ def test_lower_states_do_not_depend_on_what_ran_before(lora, tok):
     first(b)
     assert torch.equal(first(a), second(a))
     assert first(a).shape == (len(a), lora.config.hidden_size)
+
+
+def test_shared_lower_states_do_not_keep_a_model_alive(tiny_model, tok):
+    """The states are shared by every training in a process; the models that made them must still be freed."""
+    import gc
+    import weakref
+
+    from safetybook.frozen import lower_states
+
+    model = lora_model(with_settings(layers=(1,)), base=copy.deepcopy(tiny_model))
+    states = lower_states(model, 1)
+    ids = encode_example(tok, EXAMPLES[0])[0]
+    first = states(ids)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None, "lower_states kept the model in memory"
+    again = lora_model(with_settings(layers=(1,)), base=copy.deepcopy(tiny_model))
+    assert lower_states(again, 1) is states and torch.equal(states(ids), first)

@@ -79,3 +79,23 @@ def test_harmbench_is_the_standard_subset():
     assert len(set(rows)) == len(rows)
     assert harmbench(limit=10) == harmbench(limit=10), "a sample must be fixed"
     assert len(harmbench(limit=10)) == 10
+
+
+def test_saved_tokenizer_equals_the_one_in_the_gguf_file(tmp_path, monkeypatch):
+    """The tokenizer is read from the GGUF file once and saved; the saved one must tokenize, pad and
+    apply the chat template exactly as the GGUF one does."""
+    from transformers import AutoTokenizer
+
+    from safetybook import models
+
+    monkeypatch.setenv("SAFETYBOOK_CACHE", str(tmp_path))
+    original = AutoTokenizer.from_pretrained(models.model_folder(), gguf_file=models.GGUF_FILE)
+    saved = AutoTokenizer.from_pretrained(models.tokenizer_snapshot())
+    texts = ["How do I bake bread?", "I'm sorry, but I can't help with that. <|im_end|>", "émoji 🙂 tabs\tand\nnewlines"]
+    for text in texts:
+        assert saved(text, add_special_tokens=False).input_ids == original(text, add_special_tokens=False).input_ids
+    chat = [{"role": "user", "content": texts[0]}]
+    assert saved.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        original.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert (saved.pad_token_id, saved.eos_token_id) == (original.pad_token_id, original.eos_token_id)
+    assert models.tokenizer_snapshot() == models.tokenizer_snapshot()  # cached: the same folder
