@@ -42,10 +42,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAFETYBOOK_CACHE", ROOT / ".cache"))
 
 
+#: Cache folders that only hold the packaged model in another format (its fp32 weights and its tokenizer,
+#: converted from the GGUF file in seconds): they are not computed results, so they leave a cache cold.
+CONVERSIONS = ("base", "tokenizer")
+
+
 def cache_state(root: Path) -> str:
-    """"cold" if the cache holds no artifact (lock files do not count), else "warm"."""
-    if root.is_dir() and any(p.is_file() and not p.name.endswith(".lock") for p in root.rglob("*")):
-        return "warm"
+    """"cold" if the cache holds nothing the book computes (no adapter, answer, score, probe, …: lock
+    files and the model's format conversions do not count), else "warm"."""
+    if not root.is_dir():
+        return "cold"
+    for path in root.rglob("*"):
+        if path.is_file() and not path.name.endswith(".lock") and path.relative_to(root).parts[0] not in CONVERSIONS:
+            return "warm"
     return "cold"
 
 

@@ -15,6 +15,9 @@ def test_cache_is_cold_until_an_artifact_is_written(tmp_path):
     (tmp_path / "adapters").mkdir()
     (tmp_path / "adapters" / ".tuned.lock").write_text("")
     assert bench.cache_state(tmp_path) == "cold", "a lock file is not an artifact"
+    (tmp_path / "tokenizer" / "smollm2").mkdir(parents=True)
+    (tmp_path / "tokenizer" / "smollm2" / "tokenizer.json").write_text("{}")
+    assert bench.cache_state(tmp_path) == "cold", "the packaged model's tokenizer, converted, is not a result"
     (tmp_path / "adapters" / "tuned" / "adapter_model.safetensors").parent.mkdir()
     (tmp_path / "adapters" / "tuned" / "adapter_model.safetensors").write_text("x")
     assert bench.cache_state(tmp_path) == "warm"
