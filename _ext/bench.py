@@ -92,11 +92,14 @@ def match(parts: list[dict], chapters: dict[str, list[str]]) -> list[dict]:
         if best is None or not set(executed) & set(chapters[best]) - _common(chapters):
             continue  # a kernel that ran no chapter's own code (a status page, a stray notebook)
         slow = sorted(range(len(part["cells"])), key=lambda i: -part["cells"][i]["seconds"])[:SLOWEST]
+        peaks = [c.get("peak_rss_mb", 0) for c in part["cells"]]
         rows[best] = {
             "chapter": best,
             "wall_s": part.get("wall_s", 0.0),
             "peak_rss_mb": part.get("peak_rss_mb", 0),
             "cells": len(executed),
+            # the cell during which the kernel reached its peak memory (1-based, like the slowest cells)
+            "peak_rss_cell": peaks.index(max(peaks)) + 1 if peaks and max(peaks) else None,
             "slowest_cells": [{"cell": i + 1, "seconds": part["cells"][i]["seconds"], "first_line": part["cells"][i]["line"]}
                               for i in slow],
         }
@@ -136,12 +139,12 @@ def markdown(report: dict) -> str:
         "Reference workload (the base model's refusal score on 32 fixed prompts, in a fresh process): "
         + (f"**{ref:.1f} s**." if ref is not None else "not measured."),
         "",
-        "| chapter | wall time (s) | kernel peak RSS (MB) | slowest cell (s) |",
-        "|---|---:|---:|---|",
-        *[f"| `{r['chapter']}` | {r['wall_s']:.0f} | {r['peak_rss_mb']} | "
-          f"{r['slowest_cells'][0]['seconds']:.0f} (cell {r['slowest_cells'][0]['cell']}) |" if r["slowest_cells"]
-          else f"| `{r['chapter']}` | {r['wall_s']:.0f} | {r['peak_rss_mb']} | |" for r in rows],
-        f"| **whole book** | **{total:.0f}** ({total / 60:.1f} min) | max {max(r['peak_rss_mb'] for r in rows)} | |",
+        "| chapter | wall time (s) | kernel peak RSS (MB) | reached in cell | slowest cell (s) |",
+        "|---|---:|---:|---:|---|",
+        *[f"| `{r['chapter']}` | {r['wall_s']:.0f} | {r['peak_rss_mb']} | {r.get('peak_rss_cell') or ''} | "
+          + (f"{r['slowest_cells'][0]['seconds']:.0f} (cell {r['slowest_cells'][0]['cell']}) |" if r["slowest_cells"]
+             else " |") for r in rows],
+        f"| **whole book** | **{total:.0f}** ({total / 60:.1f} min) | max {max(r['peak_rss_mb'] for r in rows)} | | |",
         "",
         "The slowest cells of each chapter (cell numbers count code cells from 1):",
         "",

@@ -26,9 +26,10 @@ def _safetybook_timer():
             "sha": hashlib.sha256(source.encode()).hexdigest()[:12],
             "line": next((line for line in source.splitlines() if line.strip()), "")[:100],
             "seconds": round(time.perf_counter() - state.get("t", start), 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # so far
         })
         record["wall_s"] = round(time.perf_counter() - start, 1)
-        record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        record["peak_rss_mb"] = record["cells"][-1]["peak_rss_mb"]
         path = os.path.join(folder, f"kernel-{os.getpid()}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)

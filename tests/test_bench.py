@@ -24,7 +24,8 @@ def test_cache_is_cold_until_an_artifact_is_written(tmp_path):
 
 
 def _part(shas, seconds):
-    return {"cells": [{"sha": s, "line": f"# {s}", "seconds": t} for s, t in zip(shas, seconds)],
+    peaks = [400 + 500 * (i == 1) for i in range(len(shas))]  # the peak is reached in the second cell
+    return {"cells": [{"sha": s, "line": f"# {s}", "seconds": t, "peak_rss_mb": m} for s, t, m in zip(shas, seconds, peaks)],
             "wall_s": sum(seconds), "peak_rss_mb": 900}
 
 
@@ -37,8 +38,9 @@ def test_kernels_are_matched_to_chapters_by_their_own_cells():
     a = rows[0]
     assert [c["cell"] for c in a["slowest_cells"]] == [3, 2, 1]
     assert a["slowest_cells"][0]["seconds"] == 9.0 and a["wall_s"] == 12.0
+    assert a["peak_rss_cell"] == 2
     table = bench.markdown({"cache": "cold", "reference_s": 3.2, "chapters": rows})
-    assert "`chapters/a.ipynb` | 12 | 900 | 9 (cell 3)" in table and "**cold**" in table
+    assert "`chapters/a.ipynb` | 12 | 900 | 2 | 9 (cell 3)" in table and "**cold**" in table
 
 
 def test_every_chapter_has_cells_of_its_own():
@@ -46,3 +48,34 @@ def test_every_chapter_has_cells_of_its_own():
     cells = bench.chapter_cells(ROOT)
     common = bench._common(cells)
     assert cells and all(set(c) - common for c in cells.values())
+
+
+def test_the_kernel_timer_records_every_cell(tmp_path):
+    """The IPython startup file, in a real kernel: one record per cell, with its time and the peak so far."""
+    import json
+    import os
+    import shutil
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    startup = tmp_path / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    shutil.copy(ROOT / "_ext" / "kernel_timer.py", startup / "00-timer.py")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_code_cell("import time; time.sleep(0.3)")])
+    env = {"IPYTHONDIR": str(tmp_path / "ipython"), "SAFETYBOOK_BENCH_PARTS": str(parts)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert not any(o.get("output_type") == "error" or "Error" in str(o.get("text", "")) for c in nb.cells for o in c.outputs)
+    (record,) = [json.loads(p.read_text()) for p in parts.glob("kernel-*.json")]
+    assert [c["line"] for c in record["cells"]] == ["x = 1", "import time; time.sleep(0.3)"]
+    assert record["cells"][1]["seconds"] >= 0.3 > record["cells"][0]["seconds"]
+    assert record["peak_rss_mb"] == record["cells"][-1]["peak_rss_mb"] > 10
