@@ -104,9 +104,11 @@ def collate(tok, examples: list[Example]) -> dict[str, torch.Tensor]:
 
 
 def lora_model(settings: LoraSettings = SETTINGS, base: nn.Module | None = None):
-    """A fresh copy of the base model with new, trainable LoRA adapters."""
+    """A fresh copy of the base model with new, trainable LoRA adapters. The adapters' random start
+    depends on ``settings.seed`` alone, not on how the base model was obtained or what ran before."""
     from peft import LoraConfig, get_peft_model
 
+    base = base if base is not None else load_base_fresh()  # loading may draw random numbers: seed after it
     deterministic(settings.seed)
     config = LoraConfig(
         r=settings.rank,
@@ -117,7 +119,7 @@ def lora_model(settings: LoraSettings = SETTINGS, base: nn.Module | None = None)
         layers_pattern="layers" if settings.layers is not None else None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base if base is not None else load_base_fresh(), config)
+    return get_peft_model(base, config)
 
 
 def batches(examples: list[Example], settings: LoraSettings) -> list[list[Example]]:

@@ -76,3 +76,28 @@ def test_training_runs_on_the_settings_thread_count_and_restores_it(monkeypatch,
     assert seen == [settings.threads]
     assert torch.get_num_threads() == before
     assert adapter_path([], settings, "x") != adapter_path([], with_settings(threads=settings.threads + 1), "x")
+
+
+def test_the_adapters_random_start_depends_on_the_seed_alone(tiny_model, monkeypatch):
+    """Loading the base model draws random numbers (and reseeds); the LoRA start must not depend on
+    whether the base model was loaded for the adapter or handed over already loaded."""
+    import torch
+
+    from safetybook import adapters
+
+    def lora_a(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    settings = with_settings(layers=(1,))
+    handed = lora_a(lora_model(settings, base=copy.deepcopy(tiny_model)))
+
+    def loading():
+        torch.manual_seed(123)
+        torch.rand(1000)
+        return copy.deepcopy(tiny_model)
+
+    monkeypatch.setattr(adapters, "load_base_fresh", loading)
+    loaded = lora_a(lora_model(settings))
+    assert handed and all(torch.equal(handed[n], loaded[n]) for n in handed)
+    other = lora_a(lora_model(with_settings(layers=(1,), seed=1)))
+    assert not all(torch.equal(handed[n], other[n]) for n in handed), "another seed, another start"
