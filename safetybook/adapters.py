@@ -19,6 +19,7 @@ from torch import nn
 
 from .cache import atomic_dir, cache_dir, digest, locked
 from .data import prompts
+from .frozen import target_losses
 from .models import chat_text, deterministic, free_memory, load_base_fresh, load_tokenizer
 
 #: What the tuned model says to a harmful request. All open with a refusal opening.
@@ -134,7 +135,8 @@ def batches(examples: list[Example], settings: LoraSettings) -> list[list[Exampl
 
 
 def answer_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each example's mean loss over its answer tokens, for a batch from ``collate``.
+    """Each example's mean loss over its answer tokens, for a batch from ``collate``: the full forward
+    pass, which the training's upper-layer shortcut (``frozen.py``) is tested against.
 
     The language-model head runs only on the positions that predict answer tokens (the prompt
     positions are most of a sequence), which saves time and memory.
@@ -143,10 +145,7 @@ def answer_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     first = int((labels != -100).int().argmax(1).min())  # the earliest answer token in the batch
     keep = labels.shape[1] - first + 1  # positions first-1 … end predict tokens first … end
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    targets = labels[:, first:]
-    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-    mask = targets != -100
-    return (nll * mask).sum(1) / mask.sum(1)
+    return target_losses(logits, labels[:, first:])
 
 
 def weighted_loss(model: nn.Module, tok, examples: list[Example], settings: LoraSettings) -> torch.Tensor:

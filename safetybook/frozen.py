@@ -144,7 +144,9 @@ def lower_states(model: nn.Module, start: int) -> LowerStates:
     return _SHARED[key]
 
 
-def _losses_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def target_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's mean negative log-likelihood of ``targets`` (-100: not scored) under ``logits``, whose
+    position t predicts target t (the logits have one more position than the targets)."""
     nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
     mask = targets != -100
     return (nll * mask).sum(1) / mask.sum(1)
@@ -164,7 +166,7 @@ def upper_losses(model: nn.Module, lower: LowerStates, pairs: list[tuple[list[in
     with upper_only(model, lower.start):
         logits = causal_lm(model)(inputs_embeds=states, attention_mask=mask, use_cache=False,
                                   logits_to_keep=keep).logits
-    return _losses_from_logits(logits, labels[:, first:])
+    return target_losses(logits, labels[:, first:])
 
 
 def common_prefix(sequences: list[list[int]]) -> int:
@@ -198,4 +200,4 @@ def shared_prefix_losses(model: nn.Module, lower: LowerStates, pairs: list[tuple
         attention = torch.cat([torch.ones(batch, shared, dtype=torch.long), mask], dim=1)
         logits = lm(inputs_embeds=rest, attention_mask=attention, position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=keep).logits
-    return _losses_from_logits(logits, labels[:, first:])
+    return target_losses(logits, labels[:, first:])
