@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import Example, encode_example
 from .frozen import first_lora_layer, lower_states, upper_losses
-from .models import load_tokenizer
+from .models import load_tokenizer, trim_heap
 
 
 def checkpoints(folder: Path) -> list[tuple[Path, float]]:
@@ -75,22 +75,31 @@ def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size
 
 def tracin(
     model: nn.Module, saved: list[tuple[Path, float]], train: list[Example], queries: list[Example],
-    batch_size: int = 4,
+    batch_size: int = 2,
 ) -> torch.Tensor:
     """TracIn scores ``[train, query]`` of a LoRA ``model`` over checkpoints ``saved``: positive
     means the training steps on the example lowered the query's loss (for a query whose target is
-    a refusal: made the model more likely to refuse it)."""
+    a refusal: made the model more likely to refuse it).
+
+    The scores do not depend on ``batch_size``. Small batches keep the memory small (a batch's
+    backward pass holds every upper layer's activations) at no cost in time, and the heap is
+    trimmed after each batch, since sequences of varying length leave it fragmented.
+    """
     tok = load_tokenizer()
     model.train()
     scores = torch.zeros(len(train), len(queries))
     for path, lr in saved:
         load_checkpoint(model, path)
-        query_grads = {n: torch.cat(g) for n, g in _stack(per_example_grads(model, tok, queries, batch_size)).items()}
+        stacked = _stack(per_example_grads(model, tok, queries, batch_size))
+        query_grads = {n: torch.cat(stacked.pop(n)) for n in list(stacked)}  # one module's copy at a time
         row = 0
         for grads in per_example_grads(model, tok, train, batch_size):
             n = next(iter(grads.values())).shape[0]
             scores[row : row + n] += lr * sum(torch.einsum("boi,qoi->bq", g, query_grads[k]) for k, g in grads.items())
             row += n
+            del grads
+            trim_heap()
+        del query_grads
     model.zero_grad(set_to_none=True)
     model.eval()
     return scores
@@ -104,13 +113,20 @@ def _stack(batches) -> dict[str, list[torch.Tensor]]:
     return out
 
 
-@torch.no_grad()
 def similarity(model: nn.Module, tok, train: list[str], queries: list[str], layer: int) -> torch.Tensor:
     """Representation-similarity baseline ``[train, query]``: cosine similarity of last-token
     activations at ``layer``, after subtracting the training set's mean activation."""
+    return similarities(model, tok, train, queries, [layer])[layer]
+
+
+@torch.no_grad()
+def similarities(model: nn.Module, tok, train: list[str], queries: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
+    """``similarity`` at each of ``layers``, from one forward pass over the prompts."""
     from .directions import last_token_activations
 
-    acts = last_token_activations(model, tok, train + queries, [layer])[0]
-    acts = acts - acts[: len(train)].mean(0)
-    acts = acts / acts.norm(dim=-1, keepdim=True)
-    return acts[: len(train)] @ acts[len(train) :].T
+    out = {}
+    for layer, acts in zip(layers, last_token_activations(model, tok, train + queries, list(layers))):
+        acts = acts - acts[: len(train)].mean(0)
+        acts = acts / acts.norm(dim=-1, keepdim=True)
+        out[layer] = acts[: len(train)] @ acts[len(train) :].T
+    return out

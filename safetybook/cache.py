@@ -43,6 +43,28 @@ def write_json(path: Path, obj: Any) -> None:
         raise
 
 
+def write_tensors(path: Path, tensors: dict) -> None:
+    """Write named tensors as safetensors (never pickle) to a temporary file, then rename it into place."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_tensors(path: Path) -> dict | None:
+    """The named tensors at ``path``, or None if it does not exist."""
+    from safetensors.torch import load_file
+
+    return load_file(path) if path.exists() else None
+
+
 def read_json(path: Path) -> Any | None:
     """The JSON at ``path``, or None if it does not exist."""
     return json.loads(path.read_text()) if path.exists() else None

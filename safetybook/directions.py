@@ -19,7 +19,8 @@ def last_token_activations(
     """Residual stream after each layer at the last prompt token: ``[layer, prompt, d_model]``.
 
     The last token of the chat template (the newline after ``assistant``) is where the model
-    decides how to open its answer.
+    decides how to open its answer. Prompts are batched by length (less padding); the result is in
+    the order of ``prompts``.
     """
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else layers
@@ -28,16 +29,20 @@ def last_token_activations(
         blocks[i].register_forward_hook(lambda _m, _in, out, i=i: captured.__setitem__(i, residual(out)[:, -1]))
         for i in layers
     ]
+    order = sorted(range(len(prompts)), key=lambda i: len(tok(prompts[i], add_special_tokens=False).input_ids))
     chunks = []
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = encode_chats(tok, prompts[start : start + batch_size], system)
+            enc = encode_chats(tok, [prompts[i] for i in order[start : start + batch_size]], system)
             model(**enc, logits_to_keep=1)
             chunks.append(torch.stack([captured[i].float() for i in layers]))
     finally:
         for h in hooks:
             h.remove()
-    return torch.cat(chunks, dim=1)
+    acts = torch.cat(chunks, dim=1)
+    out = torch.empty_like(acts)
+    out[:, order] = acts
+    return out
 
 
 def diff_in_means(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:

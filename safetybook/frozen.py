@@ -147,13 +147,32 @@ def lower_states(model: nn.Module, start: int) -> LowerStates:
 def target_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Each row's mean negative log-likelihood of ``targets`` (-100: not scored) under ``logits``, whose
     position t predicts target t (the logits have one more position than the targets)."""
-    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-    mask = targets != -100
-    return (nll * mask).sum(1) / mask.sum(1)
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    return _row_means(logits[rows, cols], targets[rows, cols], rows, len(targets))
+
+
+def _row_means(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The mean negative log-likelihood per row of scored tokens given as flat ``[token, vocab]`` logits."""
+    nll = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return torch.zeros(n_rows, dtype=nll.dtype).index_add(0, rows, nll) / torch.bincount(rows, minlength=n_rows)
 
 
 def _padded_labels(labels: list[list[int]], width: int) -> torch.Tensor:
     return torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+
+
+def answer_token_losses(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean negative log-likelihood of its scored tokens, from the last hidden states
+    ``[batch, width, d]`` of a sequence whose ``labels`` (-100: not scored) line up with its tokens.
+
+    The language-model head runs only on the positions that predict a scored token: the prompts are
+    most of each sequence, and they end at different places in a batch (``target_losses`` with
+    ``logits_to_keep`` computes a slice that covers every row's answer, and the head is a fifth of
+    a training step).
+    """
+    targets = labels[:, 1:]
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    return _row_means(lm.lm_head(hidden[rows, cols]), targets[rows, cols], rows, len(labels))
 
 
 def upper_losses(model: nn.Module, lower: LowerStates, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
@@ -161,12 +180,10 @@ def upper_losses(model: nn.Module, lower: LowerStates, pairs: list[tuple[list[in
     stay separable: TracIn's hooks see each example's own tokens)."""
     states, mask = lower.padded([ids for ids, _ in pairs])
     labels = _padded_labels([lab for _, lab in pairs], states.shape[1])
-    first = int((labels != -100).int().argmax(1).min())
-    keep = labels.shape[1] - first + 1
+    lm = causal_lm(model)
     with upper_only(model, lower.start):
-        logits = causal_lm(model)(inputs_embeds=states, attention_mask=mask, use_cache=False,
-                                  logits_to_keep=keep).logits
-    return target_losses(logits, labels[:, first:])
+        hidden = lm.model(inputs_embeds=states, attention_mask=mask, use_cache=False).last_hidden_state
+    return answer_token_losses(lm, hidden, labels)
 
 
 def common_prefix(sequences: list[list[int]]) -> int:
@@ -191,13 +208,11 @@ def shared_prefix_losses(model: nn.Module, lower: LowerStates, pairs: list[tuple
     rest, mask = lower.padded(sequences, skip=shared)
     batch, width = mask.shape
     labels = _padded_labels([lab[shared:] for _, lab in pairs], width)
-    first = int((labels != -100).int().argmax(1).min())
-    keep = width - first + 1
     with upper_only(model, lower.start):
-        cache = lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).cache
+        cache = lm.model(inputs_embeds=prefix, use_cache=True).cache
         cache.batch_repeat_interleave(batch)
         positions = (shared + torch.arange(width)).expand(batch, width)
         attention = torch.cat([torch.ones(batch, shared, dtype=torch.long), mask], dim=1)
-        logits = lm(inputs_embeds=rest, attention_mask=attention, position_ids=positions, cache=cache,
-                    use_cache=True, logits_to_keep=keep).logits
-    return target_losses(logits, labels[:, first:])
+        hidden = lm.model(inputs_embeds=rest, attention_mask=attention, position_ids=positions, cache=cache,
+                          use_cache=True).last_hidden_state
+    return answer_token_losses(lm, hidden, labels)

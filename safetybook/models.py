@@ -202,10 +202,17 @@ def unload_model(name: str) -> None:
 def free_memory() -> None:
     """Collect garbage and return freed heap pages to the system, so a kernel's footprint shrinks
     after a model is dropped (glibc otherwise keeps them, and the next model stacks on top)."""
-    import ctypes
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc keeps them otherwise); a few
+    milliseconds, so a loop over batches of varying size can call it after each batch."""
+    import ctypes
+
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc (macOS, musl): nothing to trim

@@ -6,7 +6,7 @@ import weakref
 import torch
 from torch import nn
 
-from .cache import cache_dir, computing, digest, read_json, write_json
+from .cache import cache_dir, computing, digest, read_json, read_tensors, write_json, write_tensors
 from .models import borrowed_base, chat_text, fingerprint, generate
 
 #: Ways a refusal opens. No opening's tokens are a prefix of another's, so their
@@ -100,7 +100,7 @@ def refusal_score(
     tok,
     prompts: list[str],
     system: str | None = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
 ) -> list[float]:
     """P(the answer opens with a refusal) for each prompt, in [0, 1].
 
@@ -108,7 +108,8 @@ def refusal_score(
     ``REFUSAL_OPENINGS``: ``P("I'm sorry") = P("I") · P("'m" | "I") · P(" sorry" | "I'm")``.
     Whole openings matter: "I" alone also starts many helpful answers. The prompt is run once;
     its key-value cache is shared by a few short continuations that cover every opening
-    (``_opening_paths``: 5 of them for the book's 11 openings).
+    (``_opening_paths``: 5 of them for the book's 11 openings). Prompts are batched by length, so
+    that batches carry little padding; each score is the same whatever batch it falls in.
     """
     from .models import encode_chats
 
@@ -126,9 +127,12 @@ def refusal_score(
             targets.append(o[k])
             owners.append(i)
     rows_t, cols_t, targets_t, owners_t = map(torch.tensor, (rows, cols, targets, owners))
-    scores: list[float] = []
+    lengths = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    scores = [0.0] * len(prompts)
     for start in range(0, len(prompts), batch_size):
-        enc = encode_chats(tok, prompts[start : start + batch_size], system)
+        members = order[start : start + batch_size]
+        enc = encode_chats(tok, [prompts[i] for i in members], system)
         out, mask = _prompt_forward(model, enc)
         batch = len(mask)
         total = out.logits[:, -1].float().log_softmax(-1)[:, first]  # [batch, opening]: first tokens
@@ -142,7 +146,8 @@ def refusal_score(
         logits = logits.view(batch, n_leaf, width, -1)
         picked = logits[:, rows_t, cols_t, targets_t]  # [batch, later tokens of all openings]
         total = total.index_add(1, owners_t, picked)
-        scores += total.exp().sum(-1).clamp(0, 1).tolist()
+        for i, score in zip(members, total.exp().sum(-1).clamp(0, 1).tolist()):
+            scores[i] = score
     return scores
 
 
@@ -232,6 +237,21 @@ def reference_distributions(
     return out
 
 
+def _base_reference(tok, prompts: list[str], answers: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The base model's ``reference_distributions``, kept on disk as safetensors (the base model
+    never changes, and every cost measured against it needs them: this saves loading it)."""
+    from .models import base_snapshot
+
+    path = cache_dir("references") / f"{digest(base_snapshot().name, prompts, answers, TOP_K)}.safetensors"
+    saved = read_tensors(path)
+    if saved is not None:
+        return [(saved[f"ids.{i}"], saved[f"logprobs.{i}"]) for i in range(len(prompts))]
+    with computing(f"the base model's reference distributions on {len(prompts)} prompts"), borrowed_base() as base:
+        reference = reference_distributions(base, tok, prompts, answers)
+    write_tensors(path, {f"{kind}.{i}": t for i, pair in enumerate(reference) for kind, t in zip(("ids", "logprobs"), pair)})
+    return reference
+
+
 @torch.no_grad()
 def kl_from_reference(model: nn.Module, tok, prompts: list[str], answers: list[str], reference) -> float:
     """Mean KL(reference ‖ model) per answer token, over the reference's top tokens plus one
@@ -262,8 +282,7 @@ def harmless_cost(model: nn.Module, tok, prompts: list[str], reference: nn.Modul
     key = tuple(prompts)
     if reference is None:
         if key not in _BASE_REFERENCES:
-            with borrowed_base() as base:
-                _BASE_REFERENCES[key] = reference_distributions(base, tok, prompts, answers)
+            _BASE_REFERENCES[key] = _base_reference(tok, prompts, answers)
         return kl_from_reference(model, tok, prompts, answers, _BASE_REFERENCES[key])
     kept = _REFERENCES.setdefault(reference, {})
     if key not in kept:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import SETTINGS, Example, LoraSettings, ensure_adapter, merged_model, safety_examples
-from .cache import cache_dir, computing, digest, read_json, write_json
+from .cache import cache_dir, computing, digest, read_json, read_tensors, write_json, write_tensors
 from .data import prompts, wrap
 from .directions import (
     ADD_TARGET,
@@ -104,6 +104,23 @@ def _probe_sets() -> tuple[list[str], list[str], list[str], list[str], list[str]
     return harmful, harmless, prompts("borderline", "train"), wrap(harmful, "train"), wrap(harmless, "train")
 
 
+def _probe_activations(model_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-token activations ``[layer, prompt, d]`` at every layer of ``model_name`` for the probe's
+    positive and negative train prompts. One forward pass gives every layer, so the probe at any
+    layer and the monitor's threshold share it; cached on disk as safetensors."""
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = _probe_sets()
+    positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
+    path = cache_dir("activations") / f"probe-{model_name}-{digest(positive, negative, _weights_key(model_name))}.safetensors"
+    saved = read_tensors(path)
+    if saved is None:
+        with computing(f"the activations of '{model_name}' on the probe's {len(positive) + len(negative)} train prompts"):
+            model, tok = load_model(model_name)
+            acts = last_token_activations(model, tok, positive + negative)
+            saved = {"positive": acts[:, : len(positive)], "negative": acts[:, len(positive) :]}
+            write_tensors(path, saved)
+    return saved["positive"], saved["negative"]
+
+
 def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
     """The book's harmfulness probe at ``layer`` of ``model_name``: harmful train prompts, plain and
     jailbreak-wrapped, against harmless ones (plain and wrapped, so that the wrapper alone is no
@@ -117,10 +134,8 @@ def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
     if cached is not None:
         return Probe(**cached)
     with computing(f"the harmfulness probe of '{model_name}' at layer {layer}"):
-        model, tok = load_model(model_name)
-        pos = last_token_activations(model, tok, positive, [layer])[0]
-        neg = last_token_activations(model, tok, negative, [layer])[0]
-        probe = fit_probe(layer, pos, neg)
+        pos, neg = _probe_activations(model_name)
+        probe = fit_probe(layer, pos[layer], neg[layer])
         write_json(path, asdict(probe))
     return probe
 
@@ -136,8 +151,8 @@ def probe_threshold(model_name: str = "base", layer: int = MONITOR_LAYER, false_
     if cached is not None:
         return cached["threshold"]
     with computing(f"the monitor's threshold for '{model_name}' at layer {layer}"):
-        model, tok = load_model(model_name)
-        acts = last_token_activations(model, tok, positive + negative, [layer])[0]
+        pos, neg = _probe_activations(model_name)
+        acts = torch.cat([pos[layer], neg[layer]])
         labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
         groups = list(range(len(harmful))) * 2 + [len(harmful) + i for i in range(len(harmless))] * 2
         groups += [len(harmful) + len(harmless) + i for i in range(len(border))]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from safetybook.adapters import Example, collate, lora_model, with_settings
-from safetybook.attribution import checkpoints, per_example_grads, similarity, tracin
+from safetybook.attribution import checkpoints, per_example_grads, similarities, similarity, tracin
 from tests.conftest import ANSWER, COMPLY, REFUSAL, REFUSE
 
 # Targets swapped from what the tiny model learned: a large loss, so gradients well above rounding.
@@ -49,6 +49,8 @@ def test_tracin_is_symmetric_with_positive_self_influence(lora, tok, tmp_path):
     assert scores.shape == (len(EXAMPLES), len(EXAMPLES))
     torch.testing.assert_close(scores, scores.T, rtol=1e-3, atol=1e-3 * scores.abs().max().item())
     assert (scores.diagonal() > 0).all()
+    in_pairs = tracin(lora, checkpoints(tmp_path), EXAMPLES, EXAMPLES[:3], batch_size=2)  # the default, odd count
+    torch.testing.assert_close(in_pairs, scores[:, :3], rtol=1e-3, atol=1e-3 * scores.abs().max().item())
 
 
 def test_similarity_finds_the_same_prompt(tiny_model, tok):
@@ -57,3 +59,11 @@ def test_similarity_finds_the_same_prompt(tiny_model, tok):
     assert sims.shape == (len(train), 2)
     assert sims[:, 0].argmax().item() == train.index(COMPLY[1])
     assert sims[:, 1].argmax().item() == train.index(REFUSE[0])
+
+
+def test_similarities_at_several_layers_equal_one_layer_at_a_time(tiny_model, tok):
+    train, queries = REFUSE + COMPLY, [COMPLY[0], REFUSE[1]]
+    both = similarities(tiny_model, tok, train, queries, [0, 1])
+    for layer in (0, 1):
+        torch.testing.assert_close(both[layer], similarity(tiny_model, tok, train, queries, layer))
+    assert not torch.allclose(both[0], both[1]), "the layers' similarities should differ"

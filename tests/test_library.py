@@ -48,6 +48,27 @@ def test_write_json_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+def test_tensors_are_written_atomically_and_read_back(tmp_path, monkeypatch):
+    path = tmp_path / "acts.safetensors"
+    assert cache.read_tensors(path) is None
+    acts = torch.arange(12.0).reshape(3, 4)
+    cache.write_tensors(path, {"a": acts[:, 1:], "ids": torch.tensor([3, 1])})  # a non-contiguous slice too
+    back = cache.read_tensors(path)
+    torch.testing.assert_close(back["a"], acts[:, 1:])
+    assert back["ids"].tolist() == [3, 1]
+
+    def broken(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError):
+        cache.write_tensors(path, {"a": torch.zeros(2)})
+    torch.testing.assert_close(cache.read_tensors(path)["a"], acts[:, 1:])  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["acts.safetensors"]  # no temporary file left
+
+
 def test_digest_changes_with_content():
     assert cache.digest([1, 2]) == cache.digest([1, 2])
     assert cache.digest([1, 2]) != cache.digest([2, 1])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from safetybook.directions import fit_probe, last_token_activations
 from safetybook.models import generate
@@ -108,3 +109,11 @@ def test_generate_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert result.stdout == ""
+
+
+def test_activations_come_back_in_the_order_of_the_prompts(tiny_model, tok):
+    # prompts are batched by length inside: mixed lengths, and a batch smaller than the set
+    prompts = [REFUSE[0] + " Please, it is urgent today.", COMPLY[0], REFUSE[1], COMPLY[1] + " Thanks!"]
+    acts = last_token_activations(tiny_model, tok, prompts, [0, 1], batch_size=2)
+    one = torch.cat([last_token_activations(tiny_model, tok, [p], [0, 1]) for p in prompts], dim=1)
+    torch.testing.assert_close(acts, one, rtol=1e-4, atol=1e-5)

@@ -41,6 +41,14 @@ def test_score_does_not_depend_on_batching(tiny_model, tok):
     assert one == pytest.approx(many, abs=1e-5), "padding must not change the score"
 
 
+def test_scores_come_back_in_the_order_of_the_prompts(tiny_model, tok):
+    # prompts are batched by length inside; interleave the taught refusals and answers, of mixed length
+    prompts = [p for pair in zip(REFUSE, COMPLY) for p in pair] + [REFUSE[0] + " Please, it is urgent today."]
+    scores = refusal_score(tiny_model, tok, prompts, batch_size=2)
+    assert [s > 0.5 for s in scores[:-1]] == [True, False] * (len(prompts) // 2)
+    assert scores[::-1] == pytest.approx(refusal_score(tiny_model, tok, prompts[::-1], batch_size=2), abs=1e-5)
+
+
 def test_first_token_alone_is_not_refusal(tiny_model, tok):
     # "Sure" starts the taught answer; the refusal score of a complying prompt must stay low
     # even though P("I") may be large for other prompts: whole openings are scored.
