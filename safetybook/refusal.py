@@ -100,7 +100,7 @@ def refusal_score(
     tok,
     prompts: list[str],
     system: str | None = None,
-    batch_size: int = 16,
+    batch_size: int = 8,
 ) -> list[float]:
     """P(the answer opens with a refusal) for each prompt, in [0, 1].
 
