@@ -54,6 +54,21 @@ def jailbreaks(split: str | None = None) -> list[dict]:
     return [r for r in _jsonl(DATA / "jailbreaks.jsonl") if split in (None, r["split"])]
 
 
+#: What "runs here?" can say of a tool: measured offline, on a 2-core CPU, beside the book's pinned packages.
+TOOL_STATUS = ("yes", "partly", "installs only", "no", "not tried")
+TOOL_STAGES = ("training", "input", "inference", "generation")
+
+
+def tools(stage: str | None = None) -> list[dict]:
+    """The survey's tools (``data/tools.jsonl``, the one record every tools table is rendered from):
+    ``stage``, ``tool``, ``what``, ``install`` (the package or command, or None) and ``install_note``,
+    ``runs`` (one of ``TOOL_STATUS``) and ``why``, the ``chapter`` that runs it (or None) and a
+    ``cite`` key (or None)."""
+    if stage is not None and stage not in TOOL_STAGES:
+        raise DataError(f"unknown stage {stage!r}: use one of {', '.join(TOOL_STAGES)}")
+    return [r for r in _jsonl(DATA / "tools.jsonl") if stage in (None, r["stage"])]
+
+
 def wrap(prompts_: list[str], split: str, seed: int = 0) -> list[str]:
     """Each prompt inside a jailbreak wrapper of ``split``, assigned round-robin after a shuffle."""
     templates = [j["template"] for j in jailbreaks(split)]

@@ -47,6 +47,10 @@ class Interval:
         """The interval of a share or a difference of shares, in percentage points: '-12 [-20, -4]'."""
         return f"{100 * self.estimate:+.0f} [{100 * self.low:+.0f}, {100 * self.high:+.0f}] points"
 
+    def percent(self) -> str:
+        """The interval of a share in per cent: '12 % [8, 18]'."""
+        return f"{100 * self.estimate:.0f} % [{100 * self.low:.0f}, {100 * self.high:.0f}]"
+
     def contains(self, value: float) -> bool:
         return self.low <= value <= self.high
 

@@ -1,0 +1,95 @@
+"""What each stage chapter measured of its safety enhancement, for the closing chapter's verdict table.
+
+A chapter calls ``record`` once per enhancement with the per-prompt scores it measured: before the
+edit, after it, and after its control (the same edit with its informative part replaced by
+chance). ``record`` computes the intervals (``stats.paired_difference``) and the verdict, so no
+chapter types either. The rows are kept as JSON in the cache folder, one file per chapter, and the
+closing chapter reads them back with ``recorded``. Running a chapter again replaces its rows.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from . import stats
+from .cache import cache_dir, read_json, write_json
+
+#: The workflow stages in the survey's order: the closing table lists its rows in this order.
+STAGES = ("training", "input", "inference", "generation")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One enhancement, measured on held-out prompts beside its control."""
+
+    chapter: str
+    stage: str
+    enhancement: str
+    control: str
+    measure: str  #: what the scores are, e.g. "refusal of borderline test prompts"
+    n: int  #: prompts in the paired comparison
+    better: str  #: "lower" or "higher": which way the measure should move
+    effect: stats.Interval  #: after − before, on the same prompts
+    control_effect: stats.Interval  #: control − before, on the same prompts
+    against_control: stats.Interval  #: after − control: what the interpretation itself earned
+    cost: str  #: the cost on harmless prompts, in words with its numbers
+    verdict: str  #: from ``against_control`` alone
+    diagnosis: str = ""  #: for a null or negative result: why it did not work
+    try_next: str = ""  #: and what to try next
+    statistic: str = "mean"  #: "mean" (mean score) or "share" (share above 0.5)
+
+    def shown(self, interval: stats.Interval) -> str:
+        """An interval of this row, as a share in points or as a mean score."""
+        if self.statistic == "share":
+            return interval.points()
+        return f"{interval.estimate:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+
+
+def _interval(x: dict) -> stats.Interval:
+    return stats.Interval(**x)
+
+
+def record(
+    chapter: str,
+    stage: str,
+    enhancement: str,
+    *,
+    control: str,
+    measure: str,
+    better: str,
+    before: Sequence[float],
+    after: Sequence[float],
+    control_after: Sequence[float],
+    cost: str,
+    diagnosis: str = "",
+    try_next: str = "",
+    statistic: str = "mean",
+) -> Row:
+    """Compute one enhancement's row from per-prompt scores on the same prompts (in the same order) and
+    keep it for the closing chapter. ``statistic`` is 'mean' (the mean score) or 'share' (above 0.5)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
+    against = stats.paired_difference(after, control_after, statistic)
+    row = Row(
+        chapter=chapter, stage=stage, enhancement=enhancement, control=control, measure=measure,
+        n=len(before), better=better,
+        effect=stats.paired_difference(after, before, statistic),
+        control_effect=stats.paired_difference(control_after, before, statistic),
+        against_control=against, cost=cost, verdict=stats.verdict(against, better), diagnosis=diagnosis,
+        try_next=try_next, statistic=statistic,
+    )
+    path = cache_dir("results") / f"{chapter}.json"
+    rows = [r for r in read_json(path) or [] if r["enhancement"] != enhancement]
+    write_json(path, rows + [asdict(row)])
+    return row
+
+
+def recorded() -> list[Row]:
+    """Every kept row, in the order of the stages, then of the chapters and their calls."""
+    rows = []
+    for path in sorted(cache_dir("results").glob("*.json")):
+        for r in read_json(path) or []:
+            fields = {k: _interval(v) if k in ("effect", "control_effect", "against_control") else v
+                      for k, v in r.items()}
+            rows.append(Row(**fields))
+    return sorted(rows, key=lambda r: STAGES.index(r.stage))
