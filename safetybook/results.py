@@ -33,7 +33,7 @@ class Row:
     control_effect: stats.Interval  #: control − before, on the same prompts
     against_control: stats.Interval  #: after − control: what the interpretation itself earned
     cost: str  #: the cost on harmless prompts, in words with its numbers
-    verdict: str  #: from ``against_control`` alone
+    verdict: str  #: ``combined_verdict`` of ``effect`` and ``against_control``
     diagnosis: str = ""  #: for a null or negative result: why it did not work
     try_next: str = ""  #: and what to try next
     statistic: str = "mean"  #: "mean" (mean score) or "share" (share above 0.5)
@@ -43,6 +43,16 @@ class Row:
         if self.statistic == "share":
             return interval.points()
         return f"{interval.estimate:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+
+
+def combined_verdict(effect: stats.Interval, against_control: stats.Interval, better: str) -> str:
+    """'helps' only when the enhancement beats doing nothing *and* beats its control (a control that
+    makes things worse must not make a null effect look like a gain); 'hurts' when it makes things
+    worse than doing nothing; else 'no clear effect'."""
+    alone = stats.verdict(effect, better)
+    if alone == "hurts":
+        return "hurts"
+    return "helps" if alone == "helps" and stats.verdict(against_control, better) == "helps" else "no clear effect"
 
 
 def _interval(x: dict) -> stats.Interval:
@@ -70,12 +80,13 @@ def record(
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
     against = stats.paired_difference(after, control_after, statistic)
+    effect = stats.paired_difference(after, before, statistic)
     row = Row(
         chapter=chapter, stage=stage, enhancement=enhancement, control=control, measure=measure,
         n=len(before), better=better,
-        effect=stats.paired_difference(after, before, statistic),
+        effect=effect,
         control_effect=stats.paired_difference(control_after, before, statistic),
-        against_control=against, cost=cost, verdict=stats.verdict(against, better), diagnosis=diagnosis,
+        against_control=against, cost=cost, verdict=combined_verdict(effect, against, better), diagnosis=diagnosis,
         try_next=try_next, statistic=statistic,
     )
     path = cache_dir("results") / f"{chapter}.json"

@@ -28,6 +28,10 @@ def test_the_verdict_follows_the_interval_against_the_control(monkeypatch, tmp_p
     assert _record("same, wrong way", before, after, control, better="higher").verdict == "hurts"
     # an edit that does what its control does earns nothing, whatever it does to the scores
     assert _record("as good as chance", before, after, after.copy()).verdict == "no clear effect"
+    # an edit that changes nothing is no gain, even beside a control that makes things worse
+    worse = np.clip(before + 0.3, 0, 1)
+    null = _record("does nothing", before, before + RNG.normal(0, 0.01, len(before)), worse)
+    assert null.against_control.high < 0 and null.verdict == "no clear effect"
 
 
 def test_rows_come_back_in_stage_order_and_a_rerun_replaces_its_row(monkeypatch, tmp_path):
