@@ -61,3 +61,14 @@ def test_executed_chapter_has_no_widgets(build, page):
     the build (TQDM_DISABLE, transformers' bars off)."""
     executed = HTML.parent / "jupyter_execute" / f"{page}.ipynb"
     assert "application/vnd.jupyter.widget-view+json" not in executed.read_text(), f"{page} has a widget output"
+
+
+def test_the_build_writes_a_colab_edition_of_every_chapter_with_its_numbers(build):
+    from tests.test_editions import editions
+
+    folder = HTML.parent / "editions" / "colab"
+    for page in [f for f in toc_files() if f.startswith("chapters/")]:
+        nb = json.loads((folder / f"{Path(page).name}.ipynb").read_text())
+        prose = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+        assert not editions.MARKUP.search(prose), f"{page}: MyST markup left in the Colab edition"
+        assert "run the notebook]" not in prose, f"{page}: a glued value is missing from the edition"

@@ -1,0 +1,178 @@
+"""Sphinx extension: the Colab edition of every chapter, a plain notebook generated from the chapter.
+
+The chapters stay the one source. When the build has finished, each chapter's prose gets this
+build's values of its glued numbers (myst-nb keeps them in ``_build/jupyter_execute/chapters/
+<chapter>.glue.json``), its MyST markup becomes plain Jupyter markdown, and its exercises'
+solutions move to the end, so that a reader on Colab reads the text as the book shows it and
+tries an exercise before seeing its answer. Outputs are dropped: the reader's run recomputes them.
+The notebooks go to ``_build/editions/colab/<chapter>.ipynb``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+GLUE = re.compile(r"\{glue:text\}`([^`:]+)(?::([^`]*))?`")
+CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
+DOC = re.compile(r"\{doc\}`([^`]+)`")
+EXERCISE = re.compile(r"```\{exercise\}[^\n]*\n((?::[\w-]+:[^\n]*\n)*)(.*?)\n```", re.DOTALL)
+SOLUTION_START = re.compile(r"```\{solution-start\}\s*(\S*)[^\n]*\n(?::[\w-]+:[^\n]*\n)*```")
+SOLUTION_END = re.compile(r"```\{solution-end\}[^\n]*\n(?::[\w-]+:[^\n]*\n)*```")
+TOOLS = re.compile(r"tools_table\((\"(\w+)\")?\)")
+MARKER = re.compile(f"{SOLUTION_START.pattern}|{SOLUTION_END.pattern}")
+ADMONITION = re.compile(r"```\{(note|warning|tip|important)\}[^\n]*\n(.*?)\n```", re.DOTALL)
+#: Anything left of MyST's roles and directives (what a plain notebook would show as raw markup).
+MARKUP = re.compile(r"\{[a-z][\w:-]*\}`|```\{[\w-]+\}")
+
+NOTE = ("*This is the Colab edition of a chapter of* Interpretation for LLM Safety, *generated from "
+        "the book's notebook. The numbers in the text are those of the book's build; running the "
+        "cells recomputes them. The solutions to the exercises are at the end.*")
+
+
+def bibliography(text: str) -> dict[str, tuple[str, str, str]]:
+    """``key -> (short authors, year, title)`` from a BibTeX file (the fields the book's entries use)."""
+    out = {}
+    for key, body in re.findall(r"@\w+\{([^,\s]+),(.*?)\n\}", text, re.DOTALL):
+        fields = {k.lower(): v for k, v in re.findall(r"(\w+)\s*=\s*\{(.*?)\},?\s*$", body, re.MULTILINE)}
+        names = [n.strip().replace("{", "").replace("}", "") for n in fields.get("author", "").split(" and ")]
+        last = [n.split(",")[0].strip() if "," in n else n.split()[-1] if n else "" for n in names]
+        short = last[0] if len(last) == 1 else " and ".join(last) if len(last) == 2 else f"{last[0]} et al."
+        out[key] = (short, fields.get("year", "n.d."), fields.get("title", "").replace("{", "").replace("}", ""))
+    return out
+
+
+def format_value(text: str, spec: str) -> str:
+    """A glued value as the book prints it (myst-nb's own rule: a literal, formatted by ``spec``)."""
+    from myst_nb.core.variables import format_plain_text
+
+    return format_plain_text(text, spec or "")
+
+
+def plain_markdown(text: str, glue: dict, bib: dict, titles: dict[str, str], cited: list[str]) -> str:
+    """One markdown cell's text with the glued values, citations and links written out."""
+    def glued(m):
+        entry = glue.get(m.group(1))
+        if entry is None:
+            return f"[{m.group(1)}: run the notebook]"
+        return format_value(entry["data"].get("text/plain", ""), m.group(2))
+
+    def cite(m):
+        parts = []
+        for key in (k.strip() for k in m.group(1).split(",")):
+            short, year, _ = bib.get(key, (key, "n.d.", ""))
+            cited.append(key) if key not in cited else None
+            parts.append(f"[{short}, {year}](#cite-{key})")
+        return "(" + "; ".join(parts) + ")"
+
+    def doc(m):
+        name = m.group(1).split("/")[-1]
+        if name in titles:
+            return f"[{titles[name]}]({name}.ipynb)"
+        return "the book's references" if name == "references" else name
+
+    text = GLUE.sub(glued, text)
+    text = CITE.sub(cite, text)
+    text = DOC.sub(doc, text)
+    return ADMONITION.sub(lambda m: "\n".join("> " + line for line in
+                                              [f"**{m.group(1).capitalize()}.** " + m.group(2).split("\n")[0],
+                                               *m.group(2).split("\n")[1:]]), text)
+
+
+def _cell(kind: str, text: str) -> dict:
+    lines = text.split("\n")
+    cell = {"cell_type": kind, "metadata": {}, "source": [line + "\n" for line in lines[:-1]] + [lines[-1]]}
+    if kind == "code":
+        cell.update(execution_count=None, outputs=[])
+    return cell
+
+
+def colab_edition(nb: dict, glue: dict, bib: dict, titles: dict[str, str]) -> dict:
+    """The plain-notebook edition of one chapter (``nb`` is the chapter's source notebook)."""
+    cells: list[dict] = []
+    solutions: list[dict] = []
+    cited: list[str] = []
+    current: list[dict] | None = None  # the solution being collected, or None
+    number = 0
+
+    def add(piece: str) -> None:
+        if piece.strip():
+            (current if current is not None else cells).append(_cell("markdown", piece.strip()))
+
+    def exercise(m) -> str:
+        nonlocal number
+        number += 1
+        return f"#### Exercise {number}\n\n{m.group(2).strip()}\n\n*[Solution](#solution-{number}) at the end.*"
+
+    for cell in nb["cells"]:
+        text = "".join(cell["source"])
+        if cell["cell_type"] == "code":
+            table = TOOLS.search(text)
+            if table:  # a rendered tools table: its MyST output would show raw on Colab, so write it out
+                from safetybook.display import tools_table
+
+                add(plain_markdown(tools_table(table.group(2)), glue, bib, titles, cited))
+            else:
+                (current if current is not None else cells).append(_cell("code", text))
+            continue
+        text = EXERCISE.sub(exercise, plain_markdown(text, glue, bib, titles, cited))
+        pos = 0
+        for m in MARKER.finditer(text):  # prose outside a solution stays; prose inside moves with it
+            add(text[pos : m.start()])
+            if SOLUTION_START.fullmatch(m.group(0)):
+                current = [_cell("markdown", f'<a id="solution-{number}"></a>\n\n### Solution to exercise {number}')]
+            else:
+                solutions += current or []
+                current = None
+            pos = m.end()
+        add(text[pos:])
+    head = next((i for i, c in enumerate(cells) if c["cell_type"] == "markdown"), 0)
+    cells.insert(head + 1, _cell("markdown", NOTE))
+    if solutions:
+        cells += [_cell("markdown", "## Solutions")] + solutions
+    if cited:
+        cells.append(_cell("markdown", "## References\n\n" + "\n".join(
+            f'- <a id="cite-{k}"></a>{bib[k][0]} ({bib[k][1]}). *{bib[k][2]}*.' for k in cited if k in bib)))
+    return {"cells": cells, "metadata": {"kernelspec": nb["metadata"].get("kernelspec", {}),
+                                         "language_info": {"name": "python"}},
+            "nbformat": 4, "nbformat_minor": 4}
+
+
+def _write(path: Path, nb: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(nb, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def write_editions(source: Path, executed: Path, out: Path) -> list[Path]:
+    """The Colab edition of every chapter under ``source/chapters``, into ``out``."""
+    bib = bibliography((source / "references.bib").read_text())
+    chapters = sorted((source / "chapters").glob("*.ipynb"))
+    titles = {}
+    for path in chapters:
+        first = next((c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"), None)
+        heading = re.match(r"#\s+(.+)", "".join(first["source"])) if first else None
+        titles[path.stem] = heading.group(1).strip() if heading else path.stem
+    written = []
+    for path in chapters:
+        glue_file = executed / f"{path.stem}.glue.json"
+        glue = json.loads(glue_file.read_text()) if glue_file.exists() else {}
+        _write(out / path.name, colab_edition(json.loads(path.read_text()), glue, bib, titles))
+        written.append(out / path.name)
+    return written
+
+
+def _build_finished(app, exception) -> None:
+    if exception is not None:
+        return
+    build = Path(app.outdir).parent
+    write_editions(Path(app.srcdir), build / "jupyter_execute" / "chapters", build / "editions" / "colab")
+
+
+def setup(app):
+    app.connect("build-finished", _build_finished)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,88 @@
+"""The Colab edition: every MyST construct the chapters use becomes plain Jupyter markdown."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("editions", ROOT / "_ext" / "editions.py")
+editions = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(editions)
+
+BIB = editions.bibliography((ROOT / "references.bib").read_text())
+GLUE = {"gain": {"data": {"text/plain": "0.123456"}}, "verdict": {"data": {"text/plain": "'no clear effect'"}}}
+TITLES = {"01_training": "Training stage: attribution", "00_start": "Start here"}
+
+
+def _nb(*cells):
+    def cell(kind, text):
+        c = {"cell_type": kind, "metadata": {}, "source": text}
+        return c | ({"outputs": [{"output_type": "stream", "name": "stdout", "text": "x"}], "execution_count": 1}
+                    if kind == "code" else {})
+    return {"cells": [cell(k, t) for k, t in cells], "metadata": {"kernelspec": {"name": "python3"}}}
+
+
+FIXTURE = _nb(
+    ("markdown", "# A chapter\n\nThe survey {cite}`lee2025interpretation,arditi2024refusal` says so; see {doc}`01_training`\n"
+                 "and {doc}`../references`."),
+    ("code", "x = 1"),
+    ("markdown", "The gain is {glue:text}`gain:.2f` ({glue:text}`gain:+.1%`): **{glue:text}`verdict`**.\n\n"
+                 "```{note}\n**Cut to run fast.** Fixed samples.\n```"),
+    ("code", 'Markdown(tools_table("training"))'),
+    ("markdown", "## Exercises\n\n```{exercise}\n:label: ex-one\n**First** (easy). Do it.\n```\n\n"
+                 "```{solution-start} ex-one\n:class: dropdown\n```\nThe idea first."),
+    ("code", "answer = 42"),
+    ("markdown", "It works.\n\n```{solution-end}\n```\n\nProse after the solution."),
+    ("markdown", "## Summary\n\n- {glue:text}`missing_key` stays visible."),
+)
+
+
+def _text(nb):
+    return ["".join(c["source"]) for c in nb["cells"]]
+
+
+def test_the_edition_has_no_myst_markup_and_the_build_values():
+    nb = editions.colab_edition(FIXTURE, GLUE, BIB, TITLES)
+    texts = _text(nb)
+    assert not any(editions.MARKUP.search(t) for t, c in zip(texts, nb["cells"]) if c["cell_type"] == "markdown")
+    body = "\n".join(texts)
+    assert "The gain is 0.12 (+12.3%): **no clear effect**." in body
+    assert "([Lee et al., 2025](#cite-lee2025interpretation); [Arditi et al., 2024](#cite-arditi2024refusal))" in body
+    assert "[Training stage: attribution](01_training.ipynb)" in body and "the book's references" in body
+    assert "> **Note.** **Cut to run fast.**" in body
+    assert "[missing_key: run the notebook]" in body, "a value the build did not glue must show, not vanish"
+    assert all(c.get("outputs") == [] for c in nb["cells"] if c["cell_type"] == "code"), "outputs are dropped"
+
+
+def test_solutions_move_to_the_end_and_the_prose_around_them_stays():
+    nb = editions.colab_edition(FIXTURE, GLUE, BIB, TITLES)
+    texts = _text(nb)
+    at = texts.index("## Solutions")
+    assert "answer = 42" in texts[at:] and "answer = 42" not in texts[:at]
+    assert any("The idea first." in t for t in texts[at:]) and any("It works." in t for t in texts[at:])
+    assert any("Prose after the solution." in t for t in texts[:at])
+    exercise = next(t for t in texts if "#### Exercise 1" in t)
+    assert "**First** (easy). Do it." in exercise and "(#solution-1)" in exercise
+    assert any('<a id="solution-1"></a>' in t for t in texts[at:])
+
+
+def test_a_tools_table_is_written_out_and_citations_are_listed():
+    nb = editions.colab_edition(FIXTURE, GLUE, BIB, TITLES)
+    texts = _text(nb)
+    assert not any("tools_table(" in t for t in texts)
+    table = next(t for t in texts if t.startswith("| Tool |"))
+    assert "Kronfluence ([Grosse et al., 2023](#cite-grosse2023influence))" in table
+    refs = texts[-1]
+    assert refs.startswith("## References") and '<a id="cite-grosse2023influence"></a>' in refs
+
+
+def test_every_chapter_gets_an_edition(tmp_path):
+    glue_dir = tmp_path / "glue"
+    glue_dir.mkdir()
+    written = editions.write_editions(ROOT, glue_dir, tmp_path / "colab")
+    assert [p.name for p in written] == sorted(p.name for p in (ROOT / "chapters").glob("*.ipynb"))
+    for path in written:
+        nb = json.loads(path.read_text())
+        assert nb["cells"] and not any(editions.MARKUP.search("".join(c["source"])) for c in nb["cells"]
+                                       if c["cell_type"] == "markdown"), path.name
