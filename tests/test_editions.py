@@ -24,14 +24,14 @@ def _nb(*cells):
 
 
 FIXTURE = _nb(
-    ("markdown", "# A chapter\n\nThe survey {cite}`lee2025interpretation,arditi2024refusal` says so; see {doc}`01_training`\n"
-                 "and {doc}`../references`."),
+    ("markdown", ("# A chapter\n\nThe survey {cite}`lee2025interpretation,arditi2024refusal` says so; see {doc}`01_training`\n"
+                 "and {doc}`../references`.")),
     ("code", "x = 1"),
-    ("markdown", "The gain is {glue:text}`gain:.2f` ({glue:text}`gain:+.1%`): **{glue:text}`verdict`**.\n\n"
-                 "```{note}\n**Cut to run fast.** Fixed samples.\n```"),
+    ("markdown", ("The gain is {glue:text}`gain:.2f` ({glue:text}`gain:+.1%`): **{glue:text}`verdict`**.\n\n"
+                 "```{note}\n**Cut to run fast.** Fixed samples.\n```")),
     ("code", 'Markdown(tools_table("training"))'),
-    ("markdown", "## Exercises\n\n```{exercise}\n:label: ex-one\n**First** (easy). Do it.\n```\n\n"
-                 "```{solution-start} ex-one\n:class: dropdown\n```\nThe idea first."),
+    ("markdown", ("## Exercises\n\n```{exercise}\n:label: ex-one\n**First** (easy). Do it.\n```\n\n"
+                 "```{solution-start} ex-one\n:class: dropdown\n```\nThe idea first.")),
     ("code", "answer = 42"),
     ("markdown", "It works.\n\n```{solution-end}\n```\n\nProse after the solution."),
     ("markdown", "## Summary\n\n- {glue:text}`missing_key` stays visible."),
