@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,17 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- bench table -->"
+PLAN_MARKER = "<!-- course plan -->"
+#: The instructor page's course plan: sessions of about 90 minutes, each with its chapters.
+SESSIONS = [
+    ("the grid, the model, and a measure of refusal checked against what models say", ["00_start"]),
+    ("a safety fine-tune, the training data behind it, and a repair", ["01_training"]),
+    ("critical tokens and attention steering", ["02_input"]),
+    ("probes and the refusal direction: necessary, sufficient, gated", ["03a_probe", "03b_perturb"]),
+    ("features, weight edits, and monitors while the model answers", ["03c_decipher", "04_generation"]),
+    ("what worked: the verdict table, the open challenges, student projects", ["05_outlook"]),
+]
+EXERCISE = re.compile(r"```\{exercise\}[^\n]*\n(?::[\w-]+:[^\n]*\n)*\s*\*\*(.+?)\*\*\s*\(([^)]*)\)\.?\s*(.*?)\n```", re.DOTALL)
 SLOWEST = 5
 REFERENCE = """
 import time
@@ -158,6 +170,42 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+GLUED = re.compile(r"\{glue:text\}`([^`:]+)(?::[^`]*)?`")
+
+
+def exercises(srcdir: Path, glue_dir: Path | None = None) -> dict[str, list[tuple[str, str, str]]]:
+    """Each chapter's exercises, read from the notebooks: (title, level and time, what it asks first).
+    A glued number in an exercise's text gets this build's value (from ``glue_dir``), if there is one."""
+    out = {}
+    for path in sorted((srcdir / "chapters").glob("*.ipynb")):
+        cells = nbformat.read(path, as_version=4).cells
+        glue_file = (glue_dir / f"{path.stem}.glue.json") if glue_dir else None
+        glue = json.loads(glue_file.read_text()) if glue_file and glue_file.exists() else {}
+        text = GLUED.sub(lambda m, glue=glue: glue.get(m.group(1), {}).get("data", {}).get("text/plain", m.group(1)).strip("'"),
+                         "\n".join(c.source for c in cells if c.cell_type == "markdown"))
+        out[path.stem] = [(t, level, " ".join(re.split(r"(?<=[.?!])\s", " ".join(rest.split()))[:2]))
+                          for t, level, rest in EXERCISE.findall(text)]
+    return out
+
+
+def course_plan(report: dict, srcdir: Path, glue_dir: Path | None = None) -> str:
+    """The instructor page's course plan, with each chapter's run time in this build, and its exercises."""
+    seconds = {Path(r["chapter"]).stem: r["wall_s"] for r in report["chapters"]}
+    found = exercises(srcdir, glue_dir)
+    lines = ["| session | chapters | what it covers | run time in this build (min) | exercises |", "|---|---|---|---:|---:|"]
+    for n, (what, chapters) in enumerate(SESSIONS, start=1):
+        run = sum(seconds.get(c, 0.0) for c in chapters)
+        shown = f"{run / 60:.1f}" if all(c in seconds for c in chapters) else "not run in this build"
+        lines.append(f"| {n} | {', '.join(f'`{c}`' for c in chapters)} | {what} | {shown} | "
+                     f"{sum(len(found.get(c, [])) for c in chapters)} |")
+    lines += ["", "What each exercise practises (its title, level and time, and how it opens):", "",
+              "| chapter | exercise | level, time | the task |", "|---|---|---|---|"]
+    for chapter, rows in found.items():
+        for title, level, ask in rows:
+            lines.append(f"| `{chapter}` | {title} | {level} | {ask.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
 class Bench:
     def __init__(self, app):
         self.app = app
@@ -193,6 +241,9 @@ class Bench:
     def source_read(self, app, docname, source):
         if docname == "status" and MARKER in source[0]:
             source[0] = source[0].replace(MARKER, markdown(self.collect()))
+        if docname == "instructor" and PLAN_MARKER in source[0]:
+            source[0] = source[0].replace(PLAN_MARKER, course_plan(self.collect(), Path(app.srcdir),
+                                                                self.build_dir / "jupyter_execute" / "chapters"))
 
     def finished(self, app, exception):
         report = self.collect()

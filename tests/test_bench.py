@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +80,19 @@ def test_the_kernel_timer_records_every_cell(tmp_path):
     assert [c["line"] for c in record["cells"]] == ["x = 1", "import time; time.sleep(0.3)"]
     assert record["cells"][1]["seconds"] >= 0.3 > record["cells"][0]["seconds"]
     assert record["peak_rss_mb"] == record["cells"][-1]["peak_rss_mb"] > 10
+
+
+def test_the_course_plan_has_every_chapter_its_time_and_every_exercise():
+    report = {"chapters": [{"chapter": f"chapters/{p.stem}.ipynb", "wall_s": 90.0}
+                           for p in sorted((ROOT / "chapters").glob("*.ipynb")) if p.stem != "05_outlook"]}
+    plan = bench.course_plan(report, ROOT)
+    planned = {c for _, chapters in bench.SESSIONS for c in chapters}
+    assert planned == {p.stem for p in (ROOT / "chapters").glob("*.ipynb")}, "every chapter in one session"
+    assert "| 1 | `00_start` |" in plan and "| 1.5 | 3 |" in plan  # 90 s, and chapter 0's three exercises
+    assert "not run in this build" in plan  # 05_outlook has no time in this report
+    found = bench.exercises(ROOT)
+    n_exercises = sum(len(v) for v in found.values())
+    n_blocks = sum("".join(c["source"]).count("```{exercise}") for p in (ROOT / "chapters").glob("*.ipynb")
+                   for c in json.loads(p.read_text())["cells"])
+    assert n_exercises == n_blocks, "an exercise the plan could not read"
+    assert all(title and level and task for rows in found.values() for title, level, task in rows)

@@ -72,3 +72,13 @@ def test_the_build_writes_a_colab_edition_of_every_chapter_with_its_numbers(buil
         prose = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
         assert not editions.MARKUP.search(prose), f"{page}: MyST markup left in the Colab edition"
         assert "run the notebook]" not in prose, f"{page}: a glued value is missing from the edition"
+
+
+def test_the_instructor_page_has_the_course_plan_with_this_builds_times(build):
+    from tests.test_bench import bench
+
+    page = (HTML / "instructor.html").read_text()
+    n_exercises = sum(len(rows) for rows in bench.exercises(HTML.parents[1]).values())
+    assert "<!-- course plan -->" not in page
+    assert page.count("<tr") >= 2 + len(bench.SESSIONS) + n_exercises, "a row per session and per exercise"
+    assert "not run in this build" not in page, "every chapter ran in the build, so each has a time"
