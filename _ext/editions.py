@@ -5,13 +5,20 @@ build's values of its glued numbers (myst-nb keeps them in ``_build/jupyter_exec
 <chapter>.glue.json``), its MyST markup becomes plain Jupyter markdown, and its exercises'
 solutions move to the end, so that a reader on Colab reads the text as the book shows it and
 tries an exercise before seeing its answer. Outputs are dropped: the reader's run recomputes them.
-The notebooks go to ``_build/editions/colab/<chapter>.ipynb``.
+The notebooks go to ``_build/editions/colab/<chapter>.ipynb``, and into the site beside the
+chapters' pages (``editions/colab/``), where each chapter page links to its own.
+
+Colab opens notebooks from GitHub: the deploy workflow publishes the editions on the repository's
+``editions`` branch, and each chapter page's Colab button is pointed there
+(``.../blob/editions/colab/<chapter>.ipynb``). The repository's address stays in one place,
+``_config.yml``; the build reads it from the theme's options.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -166,11 +173,43 @@ def write_editions(source: Path, executed: Path, out: Path) -> list[Path]:
     return written
 
 
+EDITIONS_BRANCH = "editions"
+LINK = ('<p class="colab-edition"><a href="../editions/colab/{name}.ipynb" download>Download this chapter\'s '
+        'Colab edition</a> (a plain notebook with this build\'s numbers; the Colab button opens the same).</p>')
+
+
+def point_pages(html_dir: Path, repository: str, branch: str) -> int:
+    """Point each chapter page's Colab button at its edition and add a download link; the number of pages."""
+    github = repository.rstrip("/").removeprefix("https://github.com/")
+    done = 0
+    for page in sorted((html_dir / "chapters").glob("*.html")):
+        name = page.stem
+        if not (html_dir / "editions" / "colab" / f"{name}.ipynb").exists():
+            continue
+        html = page.read_text()
+        source = f"colab.research.google.com/github/{github}/blob/{branch}/chapters/{name}.ipynb"
+        edition = f"colab.research.google.com/github/{github}/blob/{EDITIONS_BRANCH}/colab/{name}.ipynb"
+        html = html.replace(source, edition)
+        if "colab-edition" not in html:
+            link = LINK.format(name=name)
+            html = re.sub(r"(<h1[^>]*>.*?</h1>)", lambda m, link=link: m.group(1) + link, html, count=1, flags=re.DOTALL)
+        page.write_text(html)
+        done += 1
+    return done
+
+
 def _build_finished(app, exception) -> None:
     if exception is not None:
         return
     build = Path(app.outdir).parent
-    write_editions(Path(app.srcdir), build / "jupyter_execute" / "chapters", build / "editions" / "colab")
+    written = write_editions(Path(app.srcdir), build / "jupyter_execute" / "chapters", build / "editions" / "colab")
+    site = Path(app.outdir) / "editions" / "colab"
+    site.mkdir(parents=True, exist_ok=True)
+    for path in written:
+        shutil.copyfile(path, site / path.name)
+    options = app.config.html_theme_options or {}
+    if options.get("repository_url"):
+        point_pages(Path(app.outdir), options["repository_url"], options.get("repository_branch", "main"))
 
 
 def setup(app):

@@ -72,6 +72,10 @@ def test_the_build_writes_a_colab_edition_of_every_chapter_with_its_numbers(buil
         prose = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
         assert not editions.MARKUP.search(prose), f"{page}: MyST markup left in the Colab edition"
         assert "run the notebook]" not in prose, f"{page}: a glued value is missing from the edition"
+        html = (HTML / f"{page}.html").read_text()
+        assert (HTML / "editions" / "colab" / f"{Path(page).name}.ipynb").exists(), f"{page}: not on the site"
+        assert f"/blob/editions/colab/{Path(page).name}.ipynb" in html, f"{page}: Colab opens the source, not the edition"
+        assert f'href="../editions/colab/{Path(page).name}.ipynb"' in html, f"{page}: no download link"
 
 
 def test_the_instructor_page_has_the_course_plan_with_this_builds_times(build):

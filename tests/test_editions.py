@@ -86,3 +86,17 @@ def test_every_chapter_gets_an_edition(tmp_path):
         nb = json.loads(path.read_text())
         assert nb["cells"] and not any(editions.MARKUP.search("".join(c["source"])) for c in nb["cells"]
                                        if c["cell_type"] == "markdown"), path.name
+
+
+def test_chapter_pages_open_their_colab_edition_and_link_to_it(tmp_path):
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "editions" / "colab").mkdir(parents=True)
+    (tmp_path / "editions" / "colab" / "02_input.ipynb").write_text("{}")
+    button = "https://colab.research.google.com/github/org/book/blob/main/chapters/02_input.ipynb"
+    (tmp_path / "chapters" / "02_input.html").write_text(f'<h1>Input<a href="#">#</a></h1><a href="{button}">Colab</a>')
+    (tmp_path / "chapters" / "03a_probe.html").write_text(f'<h1>Probe</h1><a href="{button}">Colab</a>')
+    assert editions.point_pages(tmp_path, "https://github.com/org/book", "main") == 1
+    page = (tmp_path / "chapters" / "02_input.html").read_text()
+    assert "github/org/book/blob/editions/colab/02_input.ipynb" in page and button not in page
+    assert page.index("</h1>") < page.index('href="../editions/colab/02_input.ipynb"')
+    assert button in (tmp_path / "chapters" / "03a_probe.html").read_text(), "no edition: the page is left alone"
