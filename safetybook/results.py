@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass
 
 from . import stats
 from .cache import cache_dir, read_json, write_json
-
-#: The workflow stages in the survey's order: the closing table lists its rows in this order.
-STAGES = ("training", "input", "inference", "generation")
+from .data import TOOL_STAGES as STAGES  # the workflow stages in the survey's order (the table's row order)
 
 
 @dataclass(frozen=True)
