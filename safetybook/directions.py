@@ -19,14 +19,18 @@ def last_token_activations(
     """Residual stream after each layer at the last prompt token: ``[layer, prompt, d_model]``.
 
     The last token of the chat template (the newline after ``assistant``) is where the model
-    decides how to open its answer. Prompts are batched by length (less padding); the result is in
-    the order of ``prompts``.
+    decides how to open its answer. Prompts are batched by length (less padding), and the chat
+    opening they share runs once per batch (``refusal.prompt_forward``) unless the model carries a
+    hook that is not pointwise; the result is in the order of ``prompts``.
     """
+    from .refusal import pointwise, prompt_forward
+
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else layers
     captured: dict[int, torch.Tensor] = {}
+    # read-only hooks; the last one to fire (the pass that holds each prompt's last token) is kept
     hooks = [
-        blocks[i].register_forward_hook(lambda _m, _in, out, i=i: captured.__setitem__(i, residual(out)[:, -1]))
+        blocks[i].register_forward_hook(pointwise(lambda _m, _in, out, i=i: captured.__setitem__(i, residual(out)[:, -1])))
         for i in layers
     ]
     order = sorted(range(len(prompts)), key=lambda i: len(tok(prompts[i], add_special_tokens=False).input_ids))
@@ -34,7 +38,7 @@ def last_token_activations(
     try:
         for start in range(0, len(prompts), batch_size):
             enc = encode_chats(tok, [prompts[i] for i in order[start : start + batch_size]], system)
-            model(**enc, logits_to_keep=1)
+            prompt_forward(model, enc)  # the chat opening shared by every prompt runs once
             chunks.append(torch.stack([captured[i].float() for i in layers]))
     finally:
         for h in hooks:

@@ -24,7 +24,7 @@ from .directions import (
     last_token_activations,
 )
 from .models import decoder_layers, residual
-from .refusal import refusal_score
+from .refusal import pointwise, refusal_score
 
 #: ``edit_direction`` scale that strengthens refusal in the inference chapter. Chosen on train
 #: prompts among 1.25, 1.5 and 2: the one that most raises refusal of jailbreak-wrapped harmful
@@ -70,6 +70,7 @@ def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None
     Arditi et al. 2024), so that no layer can read it: is the direction *necessary* for refusal?"""
     r = unit(direction)
 
+    @pointwise
     def project(_module, _inputs, out):
         x = residual(out)
         return _replace(out, x - (x @ r.to(x.dtype))[..., None] * r.to(x.dtype))
@@ -84,6 +85,7 @@ def add_direction(model: nn.Module, direction: torch.Tensor, layer: int, coeffic
     (activation addition): is the direction *sufficient* for refusal?"""
     shift = coefficient * direction.float()
 
+    @pointwise
     def add(_module, _inputs, out):
         x = residual(out)
         return _replace(out, x + shift.to(x.dtype))
@@ -150,6 +152,7 @@ def scale_features(
     """
     idx = torch.tensor(features)
 
+    @pointwise
     def edit(_module, _inputs, out):
         x = residual(out)
         acts = torch.relu(x @ encoder[:, idx] + enc_bias[idx])

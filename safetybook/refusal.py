@@ -77,20 +77,21 @@ def agreement_threshold(scores, judged, candidates=tuple(i / 20 for i in range(1
     return max(candidates, key=lambda t: (sum((s > t) == bool(j) for s, j in pairs), -t))
 
 
-def _prompt_forward(model: nn.Module, enc: dict[str, torch.Tensor]):
+def prompt_forward(model: nn.Module, enc: dict[str, torch.Tensor]):
     """The model's forward pass on a left-padded batch of chat prompts, with a key-value cache for the
     continuation; returns the output and the attention mask the cache lines up with.
 
     Every chat prompt opens with the same tokens (the system prompt and the user header). When the
-    model has no hooks, that opening runs once and every prompt attends to its keys and values:
-    ``[opening][padding][rest]`` computes what ``[padding][opening][rest]`` does. A hooked model (an
-    intervention that may depend on positions) gets the plain forward pass.
+    model has no hooks, or only pointwise ones (``pointwise``: an edit that treats every position
+    alike, such as directional ablation), that opening runs once and every prompt attends to its keys
+    and values: ``[opening][padding][rest]`` computes what ``[padding][opening][rest]`` does. Any other
+    hooked model (an intervention that may depend on positions) gets the plain forward pass.
     """
     ids, mask = enc["input_ids"], enc["attention_mask"]
     lengths = mask.sum(-1)
     rows = [ids[i, ids.shape[1] - int(n) :].tolist() for i, n in enumerate(lengths)]
     shared = _shared_length(rows)
-    if has_hooks(model) or shared < 8 or len(rows) < 2:
+    if not pointwise_only(model) or shared < 8 or len(rows) < 2:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out, mask
@@ -169,7 +170,7 @@ def refusal_score(
     for start in range(0, len(prompts), batch_size):
         members = order[start : start + batch_size]
         enc = encode_chats(tok, [prompts[i] for i in members], system)
-        out, mask = _prompt_forward(model, enc)
+        out, mask = prompt_forward(model, enc)
         batch = len(mask)
         total = out.logits[:, -1].float().log_softmax(-1)[:, first]  # [batch, opening]: first tokens
         cache = out.cache
@@ -187,10 +188,30 @@ def refusal_score(
     return scores
 
 
+def _hooks(model: nn.Module) -> list:
+    """The forward hooks on ``model``'s modules, except the read-only ones that transformers installs
+    for good the first time a caller asks for ``output_hidden_states`` or ``output_attentions`` (they
+    return nothing and record only when such an output is asked for)."""
+    return [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+            if getattr(h, "__name__", "") != "output_capturing_hook"]
+
+
 def has_hooks(model: nn.Module) -> bool:
     """Whether any module of ``model`` has a forward hook: an intervention is on, so the weights alone
     no longer say what the model computes (and a cached measurement would be wrong)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return bool(_hooks(model))
+
+
+def pointwise(hook):
+    """Mark a forward hook as pointwise: it changes each position's output from that position's own
+    values alone, the same way everywhere (so a shared prompt opening may be computed once under it)."""
+    hook.pointwise = True
+    return hook
+
+
+def pointwise_only(model: nn.Module) -> bool:
+    """Whether every forward hook on ``model`` (if any) is marked ``pointwise``."""
+    return all(getattr(h, "pointwise", False) for h in _hooks(model))
 
 
 def _remembered(kind: str, model: nn.Module, key, compute):

@@ -154,3 +154,29 @@ def test_edit_in_place_matches_the_copy_and_is_undone(tok, scale):
         assert torch.allclose(v, original[k], atol=1e-6), f"{k} was not restored"
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(), \
         "tie the embeddings again on exit"
+
+
+@pytest.mark.parametrize("edit", ["ablate", "add", "features"])
+def test_pointwise_edits_score_the_same_with_the_shared_opening_computed_once(tiny_model, tok, edit):
+    """Ablation, addition and feature scaling are marked pointwise, so refusal_score computes the chat
+    opening once under them; the scores equal those of the plain forward pass, which an unmarked
+    copy of the same hooks forces."""
+    from safetybook.refusal import pointwise_only
+
+    d = direction(tiny_model)
+    encoder, bias, decoder = torch.randn(tiny_model.config.hidden_size, 4), torch.zeros(4), torch.randn(4, tiny_model.config.hidden_size)
+    context = {"ablate": lambda: ablate_direction(tiny_model, d), "add": lambda: add_direction(tiny_model, d, 0, 2.0),
+               "features": lambda: scale_features(tiny_model, 0, encoder, bias, decoder, [0, 2], 0.0)}[edit]
+    prompts = REFUSE + COMPLY
+    with context():
+        assert pointwise_only(tiny_model)
+        shared = refusal_score(tiny_model, tok, prompts)
+        hooks = [(m, k, h) for m in tiny_model.modules() for k, h in m._forward_hooks.items()]
+        for m, k, h in hooks:  # the same functions, unmarked: the plain forward pass
+            m._forward_hooks[k] = lambda *a, h=h: h(*a)
+        assert not pointwise_only(tiny_model)
+        plain = refusal_score(tiny_model, tok, prompts)
+        for m, k, h in hooks:
+            m._forward_hooks[k] = h
+    assert plain == pytest.approx(shared, abs=1e-5)
+    assert plain != pytest.approx(refusal_score(tiny_model, tok, prompts), abs=1e-3), "the edit changed nothing"

@@ -120,3 +120,19 @@ def test_saved_tokenizer_equals_the_one_in_the_gguf_file(tmp_path, monkeypatch):
         original.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert (saved.pad_token_id, saved.eos_token_id) == (original.pad_token_id, original.eos_token_id)
     assert models.tokenizer_snapshot() == models.tokenizer_snapshot()  # cached: the same folder
+
+
+def test_last_token_activations_equal_each_prompt_run_alone(tiny_model, tok):
+    """Batched by length, left-padded, with the shared chat opening run once: every prompt's last-token
+    residual still equals what its own unpadded forward pass gives, in the order of the prompts."""
+    from safetybook.directions import last_token_activations
+    from safetybook.models import chat_text
+
+    prompts = ["How can I steal a bike?", "Name a fruit.", "How do I bake bread at home on a weekend?", "Hi"]
+    acts = last_token_activations(tiny_model, tok, prompts, batch_size=3)
+    for j, p in enumerate(prompts):
+        ids = tok(chat_text(tok, p), return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            hidden = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
+        for layer in range(acts.shape[0] - 1):  # the last entry of hidden_states is after the final norm
+            assert torch.allclose(acts[layer, j], hidden[layer + 1][0, -1], atol=1e-4), (p, layer)

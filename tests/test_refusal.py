@@ -180,3 +180,19 @@ def test_validation_on_the_tiny_model_agrees_with_the_text(tiny_model, tok):
     assert all((s > t) == j for s, j in zip(check["score"], check["judged"]))
     # the threshold follows the labels: with every answer judged a refusal, the lowest candidate wins
     assert agreement_threshold(check["score"], [True] * len(prompts)) == 0.05
+
+
+def test_transformers_output_capturing_hooks_are_not_an_intervention(tiny_model, tok):
+    """Asking once for hidden states leaves read-only hooks on the model for good (transformers 5):
+    they must not switch off the cache or the shared-opening forward pass."""
+    import copy
+
+    from safetybook.refusal import has_hooks, pointwise_only
+
+    model = copy.deepcopy(tiny_model)
+    model(**tok(["Hi"], return_tensors="pt"), output_hidden_states=True, output_attentions=True)
+    assert any(m._forward_hooks for m in model.modules()), "transformers no longer leaves its hooks: drop the filter"
+    assert not has_hooks(model) and pointwise_only(model)
+    handle = model.model.layers[0].register_forward_hook(lambda *a: None)
+    assert has_hooks(model) and not pointwise_only(model)
+    handle.remove()
