@@ -8,6 +8,13 @@ tries an exercise before seeing its answer. Outputs are dropped: the reader's ru
 The notebooks go to ``_build/editions/colab/<chapter>.ipynb``, and into the site beside the
 chapters' pages (``editions/colab/``), where each chapter page links to its own.
 
+The student edition (``_build/editions/student/<chapter>.ipynb``) is the same, except that no
+solution remains: each exercise ends with a stub to fill in and a call to its check in
+``safetybook.checks``, which names the likely mistake when the answer is not right yet. A solution
+cell carries its stub in its metadata (``"student": "<code>"``) and ends with the check call; the
+student's cell is the stub followed by the solution's ``checks`` lines. The book itself, with its
+solutions in dropdowns, is the instructor's version.
+
 Colab opens notebooks from GitHub: the deploy workflow publishes the editions on the repository's
 ``editions`` branch, and each chapter page's Colab button is pointed there
 (``.../blob/editions/colab/<chapter>.ipynb``). The repository's address stays in one place,
@@ -34,6 +41,13 @@ ADMONITION = re.compile(r"```\{(note|warning|tip|important)\}[^\n]*\n(.*?)\n```"
 #: Anything left of MyST's roles and directives (what a plain notebook would show as raw markup).
 MARKUP = re.compile(r"\{[a-z][\w:-]*\}`|```\{[\w-]+\}")
 
+CHECK_LINE = re.compile(r"^(from safetybook import checks\b.*|checks\.\w+\(.*)$")
+STUDENT_NOTE = ("*This is the student edition of a chapter of* Interpretation for LLM Safety, *generated from "
+                "the book's notebook. The numbers in the text are those of the book's build; running the cells "
+                "recomputes them. Each exercise ends with a stub: replace its `...` with your code and run the "
+                "cell, and its check tells you whether the answer is right, or what to look at. The solutions "
+                "are in the book, in the dropdowns under each exercise.*")
+YOUR_TURN = "**Your turn.** Replace each `...` with your code, then run the cell: the check below it tests your answer."
 NOTE = ("*This is the Colab edition of a chapter of* Interpretation for LLM Safety, *generated from "
         "the book's notebook. The numbers in the text are those of the book's build; running the "
         "cells recomputes them. The solutions to the exercises are at the end.*")
@@ -96,8 +110,21 @@ def _cell(kind: str, text: str) -> dict:
     return cell
 
 
-def colab_edition(nb: dict, glue: dict, bib: dict, titles: dict[str, str]) -> dict:
-    """The plain-notebook edition of one chapter (``nb`` is the chapter's source notebook)."""
+def student_cell(cell: dict) -> str | None:
+    """A solution cell's student version: its stub, then its check lines (None: the cell has no stub)."""
+    stub = cell.get("metadata", {}).get("student")
+    if stub is None:
+        return None
+    lines = "".join(cell["source"]).split("\n")
+    checked = [line for line in lines if CHECK_LINE.match(line) and not line.startswith("from ")]
+    if not checked:
+        raise ValueError(f"a solution cell with a student stub has no check call: {lines[0]!r}")
+    return "\n".join(["from safetybook import checks", "", stub.rstrip("\n"), *checked])
+
+
+def colab_edition(nb: dict, glue: dict, bib: dict, titles: dict[str, str], student: bool = False) -> dict:
+    """The plain-notebook edition of one chapter (``nb`` is the chapter's source notebook); with
+    ``student``, the student edition: stubs and checks where the solutions were."""
     cells: list[dict] = []
     solutions: list[dict] = []
     cited: list[str] = []
@@ -111,7 +138,8 @@ def colab_edition(nb: dict, glue: dict, bib: dict, titles: dict[str, str]) -> di
     def exercise(m) -> str:
         nonlocal number
         number += 1
-        return f"#### Exercise {number}\n\n{m.group(2).strip()}\n\n*[Solution](#solution-{number}) at the end.*"
+        after = "" if student else f"\n\n*[Solution](#solution-{number}) at the end.*"
+        return f"#### Exercise {number}\n\n{m.group(2).strip()}{after}"
 
     for cell in nb["cells"]:
         text = "".join(cell["source"])
@@ -121,8 +149,12 @@ def colab_edition(nb: dict, glue: dict, bib: dict, titles: dict[str, str]) -> di
                 from safetybook.display import tools_table
 
                 add(plain_markdown(tools_table(table.group(2)), glue, bib, titles, cited))
-            else:
-                (current if current is not None else cells).append(_cell("code", text))
+            elif current is None:
+                cells.append(_cell("code", text))
+            elif not student:
+                current.append(_cell("code", text))
+            elif (stub := student_cell(cell)) is not None:
+                cells += [_cell("markdown", YOUR_TURN), _cell("code", stub)]
             continue
         text = EXERCISE.sub(exercise, plain_markdown(text, glue, bib, titles, cited))
         pos = 0
@@ -131,12 +163,12 @@ def colab_edition(nb: dict, glue: dict, bib: dict, titles: dict[str, str]) -> di
             if SOLUTION_START.fullmatch(m.group(0)):
                 current = [_cell("markdown", f'<a id="solution-{number}"></a>\n\n### Solution to exercise {number}')]
             else:
-                solutions += current or []
+                solutions += [] if student else current or []
                 current = None
             pos = m.end()
         add(text[pos:])
     head = next((i for i, c in enumerate(cells) if c["cell_type"] == "markdown"), 0)
-    cells.insert(head + 1, _cell("markdown", NOTE))
+    cells.insert(head + 1, _cell("markdown", STUDENT_NOTE if student else NOTE))
     if solutions:
         cells += [_cell("markdown", "## Solutions")] + solutions
     if cited:
@@ -155,8 +187,8 @@ def _write(path: Path, nb: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_editions(source: Path, executed: Path, out: Path) -> list[Path]:
-    """The Colab edition of every chapter under ``source/chapters``, into ``out``."""
+def write_editions(source: Path, executed: Path, out: Path, student: bool = False) -> list[Path]:
+    """The Colab (or the student) edition of every chapter under ``source/chapters``, into ``out``."""
     bib = bibliography((source / "references.bib").read_text())
     chapters = sorted((source / "chapters").glob("*.ipynb"))
     titles = {}
@@ -168,14 +200,17 @@ def write_editions(source: Path, executed: Path, out: Path) -> list[Path]:
     for path in chapters:
         glue_file = executed / f"{path.stem}.glue.json"
         glue = json.loads(glue_file.read_text()) if glue_file.exists() else {}
-        _write(out / path.name, colab_edition(json.loads(path.read_text()), glue, bib, titles))
+        _write(out / path.name, colab_edition(json.loads(path.read_text()), glue, bib, titles, student))
         written.append(out / path.name)
     return written
 
 
 EDITIONS_BRANCH = "editions"
 LINK = ('<p class="colab-edition"><a href="../editions/colab/{name}.ipynb" download>Download this chapter\'s '
-        'Colab edition</a> (a plain notebook with this build\'s numbers; the Colab button opens the same).</p>')
+        'Colab edition</a> (a plain notebook with this build\'s numbers; the Colab button opens the same), or '
+        'its <a href="../editions/student/{name}.ipynb" download>student edition</a> (stubs and self-checks '
+        'instead of solutions; <a href="https://colab.research.google.com/github/{github}/blob/'
+        + EDITIONS_BRANCH + '/student/{name}.ipynb">open it in Colab</a>).</p>')
 
 
 def point_pages(html_dir: Path, repository: str, branch: str) -> int:
@@ -191,7 +226,7 @@ def point_pages(html_dir: Path, repository: str, branch: str) -> int:
         edition = f"colab.research.google.com/github/{github}/blob/{EDITIONS_BRANCH}/colab/{name}.ipynb"
         html = html.replace(source, edition)
         if "colab-edition" not in html:
-            link = LINK.format(name=name)
+            link = LINK.format(name=name, github=github)
             html = re.sub(r"(<h1[^>]*>.*?</h1>)", lambda m, link=link: m.group(1) + link, html, count=1, flags=re.DOTALL)
         page.write_text(html)
         done += 1
@@ -202,11 +237,13 @@ def _build_finished(app, exception) -> None:
     if exception is not None:
         return
     build = Path(app.outdir).parent
-    written = write_editions(Path(app.srcdir), build / "jupyter_execute" / "chapters", build / "editions" / "colab")
-    site = Path(app.outdir) / "editions" / "colab"
-    site.mkdir(parents=True, exist_ok=True)
-    for path in written:
-        shutil.copyfile(path, site / path.name)
+    for kind in ("colab", "student"):
+        written = write_editions(Path(app.srcdir), build / "jupyter_execute" / "chapters", build / "editions" / kind,
+                                 student=kind == "student")
+        site = Path(app.outdir) / "editions" / kind
+        site.mkdir(parents=True, exist_ok=True)
+        for path in written:
+            shutil.copyfile(path, site / path.name)
     options = app.config.html_theme_options or {}
     if options.get("repository_url"):
         point_pages(Path(app.outdir), options["repository_url"], options.get("repository_branch", "main"))

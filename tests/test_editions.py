@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("editions", ROOT / "_ext" / "editions.py")
@@ -100,3 +103,74 @@ def test_chapter_pages_open_their_colab_edition_and_link_to_it(tmp_path):
     assert "github/org/book/blob/editions/colab/02_input.ipynb" in page and button not in page
     assert page.index("</h1>") < page.index('href="../editions/colab/02_input.ipynb"')
     assert button in (tmp_path / "chapters" / "03a_probe.html").read_text(), "no edition: the page is left alone"
+
+
+STUDENT_FIXTURE = _nb(
+    ("markdown", "# A chapter\n\nSome prose."),
+    ("markdown", ("## Exercises\n\n```{exercise}\n:label: ex-one\n**First** (easy). Do it.\n```\n\n"
+                 "```{solution-start} ex-one\n:class: dropdown\n```\nThe idea first.")),
+    ("code", "from safetybook import checks\n\nanswer = sorted(scores)[:3]  # the solution\nchecks.lens_share(answer, rank)\nanswer"),
+    ("code", "print('more of the solution')"),
+    ("markdown", "It works.\n\n```{solution-end}\n```\n\nProse after the solution."),
+)
+STUDENT_FIXTURE["cells"][2]["metadata"]["student"] = "answer = ...  # the three smallest scores"
+
+
+def test_the_student_edition_keeps_no_solution_only_its_stub_and_check():
+    nb = editions.colab_edition(STUDENT_FIXTURE, GLUE, BIB, TITLES, student=True)
+    body = "\n".join(_text(nb))
+    for solution in ("sorted(scores)", "more of the solution", "The idea first.", "It works.", "## Solutions"):
+        assert solution not in body, f"the student edition shows {solution!r}"
+    code = [t for t, c in zip(_text(nb), nb["cells"]) if c["cell_type"] == "code"]
+    assert code == ["from safetybook import checks\n\nanswer = ...  # the three smallest scores\nchecks.lens_share(answer, rank)"]
+    assert "Prose after the solution." in body and "#### Exercise 1" in body and "(#solution-1)" not in body
+    assert "student edition" in body
+
+
+def test_a_stub_without_a_check_call_is_refused():
+    broken = json.loads(json.dumps(STUDENT_FIXTURE))
+    broken["cells"][2]["source"] = "answer = 1"
+    with pytest.raises(ValueError, match="no check call"):
+        editions.colab_edition(broken, GLUE, BIB, TITLES, student=True)
+
+
+def test_every_exercise_of_the_book_has_a_stub_and_a_real_check():
+    """Each chapter's exercises (by label) each end in exactly one stubbed cell whose check is the
+    exercise's own in ``safetybook.checks.EXERCISES``; the student edition holds no solution line."""
+    from safetybook import checks
+
+    labels = []
+    for path in sorted((ROOT / "chapters").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        found = {}
+        label = None
+        outside = []  # code the chapter shows outside its solutions: the student edition keeps it
+        solution_code = []
+        for cell in nb["cells"]:
+            text = "".join(cell["source"])
+            if cell["cell_type"] == "markdown":
+                starts = editions.SOLUTION_START.findall(text)
+                label = starts[-1] if starts else None if editions.SOLUTION_END.search(text) else label
+            elif not label:
+                outside.append(text)
+            elif solution_code.append(text) or "student" in cell["metadata"]:
+                calls = [m for m in (editions.CHECK_LINE.match(line) for line in text.split("\n"))
+                         if m and m.group(0).startswith("checks.")]
+                assert len(calls) == 1, f"{path.name} {label}: one check call per exercise"
+                name = calls[0].group(0).split("(")[0].removeprefix("checks.")
+                assert checks.EXERCISES[label].__name__ == name, f"{path.name} {label}: calls checks.{name}"
+                found[label] = text
+        exercises = re.findall(r":label: (ex-[\w-]+)", "".join("".join(c["source"]) for c in nb["cells"]))
+        assert sorted(found) == sorted(exercises), f"{path.name}: exercises without a stub: {set(exercises) - set(found)}"
+        labels += exercises
+        student = "\n".join("".join(c["source"]) for c in editions.colab_edition(nb, {}, BIB, {}, student=True)["cells"])
+        for text in solution_code:
+            for line in text.split("\n"):
+                if (len(line.strip()) > 25 and not editions.CHECK_LINE.match(line) and line not in student_stubs(nb)
+                        and not any(line in o for o in outside)):
+                    assert line not in student, f"{path.name}: a solution line is in the student edition: {line!r}"
+    assert sorted(labels) == sorted(checks.EXERCISES), "every check belongs to an exercise of the book"
+
+
+def student_stubs(nb) -> str:
+    return "\n".join(c["metadata"]["student"] for c in nb["cells"] if "student" in c.get("metadata", {}))

@@ -9,7 +9,7 @@ LIBRARY = Path(__file__).resolve().parents[1] / "safetybook"
 FLOORS = {
     "models": 0, "data": 0, "cache": 0, "display": 0,
     "refusal": 1, "frozen": 1, "stats": 1, "results": 1,
-    "directions": 2,
+    "directions": 2, "checks": 2,
     "interventions": 3, "tokens": 3, "sae": 3,
     "adapters": 4, "attribution": 4, "repair": 4, "monitor": 4,
     "zoo": 5,

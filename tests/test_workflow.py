@@ -35,4 +35,5 @@ def test_the_workflow_publishes_the_site_and_the_editions_the_colab_buttons_open
     assert pages["with"]["path"] == "_build/html"
     publish = next(run for run in _runs() if "_build/editions/colab" in run)
     assert f"push -f origin {editions.EDITIONS_BRANCH}" in publish and "colab/" in publish
+    assert "_build/editions/student" in publish and "student" in publish.split("git add")[1], "the student edition"
     assert WORKFLOW["jobs"]["build"]["timeout-minutes"] >= 90, "a cold build and its tests take most of an hour"
