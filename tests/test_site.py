@@ -78,13 +78,16 @@ def test_page_renders_cleanly(site, browser, name):
 
 @pytest.mark.parametrize("name", [f for f in toc_files() if f.startswith("chapters/")])
 def test_launch_buttons_point_at_the_chapter(site, browser, name):
-    """Colab opens the chapter's Colab edition (the editions branch, _ext/editions.py); Binder the chapter."""
+    """Colab opens the chapter's Colab edition (the editions branch, _ext/editions.py), and the page's
+    student-edition link opens that chapter's student edition; Binder opens the chapter."""
     page, _ = visit(browser, f"{site}/{name}.html")
     hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
     colab = [h for h in hrefs if "colab.research.google.com" in h]
     binder = [h for h in hrefs if "mybinder.org" in h]
-    edition = f"/blob/editions/colab/{name.split('/')[-1]}.ipynb"
-    assert colab and all(h.endswith(edition) for h in colab), f"{name}: Colab links {colab}"
+    stem = name.split("/")[-1]
+    editions = {f"/blob/editions/{kind}/{stem}.ipynb" for kind in ("colab", "student")}
+    assert {e for e in editions if any(h.endswith(e) for h in colab)} == editions, f"{name}: Colab links {colab}"
+    assert all(any(h.endswith(e) for e in editions) for h in colab), f"{name}: Colab links {colab}"
     assert binder and all(h.endswith(f"{name}.ipynb") for h in binder), f"{name}: Binder links {binder}"
     page.close()
 
