@@ -22,6 +22,9 @@ from pathlib import Path
 
 import nbformat
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling module; the tests load this file by path
+from glued import GLUE, glued_text, read_glue
+
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- bench table -->"
 PLAN_MARKER = "<!-- course plan -->"
@@ -170,19 +173,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-GLUED = re.compile(r"\{glue:text\}`([^`:]+)(?::[^`]*)?`")
-
-
 def exercises(srcdir: Path, glue_dir: Path | None = None) -> dict[str, list[tuple[str, str, str]]]:
     """Each chapter's exercises, read from the notebooks: (title, level and time, what it asks first).
     A glued number in an exercise's text gets this build's value (from ``glue_dir``), if there is one."""
     out = {}
     for path in sorted((srcdir / "chapters").glob("*.ipynb")):
         cells = nbformat.read(path, as_version=4).cells
-        glue_file = (glue_dir / f"{path.stem}.glue.json") if glue_dir else None
-        glue = json.loads(glue_file.read_text()) if glue_file and glue_file.exists() else {}
-        text = GLUED.sub(lambda m, glue=glue: glue.get(m.group(1), {}).get("data", {}).get("text/plain", m.group(1)).strip("'"),
-                         "\n".join(c.source for c in cells if c.cell_type == "markdown"))
+        glue = read_glue(glue_dir, path.stem)
+        text = GLUE.sub(lambda m, glue=glue: glued_text(glue, m.group(1), m.group(2)) or m.group(1),
+                        "\n".join(c.source for c in cells if c.cell_type == "markdown"))
         out[path.stem] = [(t, level, " ".join(re.split(r"(?<=[.?!])\s", " ".join(rest.split()))[:2]))
                           for t, level, rest in EXERCISE.findall(text)]
     return out

@@ -26,10 +26,13 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-GLUE = re.compile(r"\{glue:text\}`([^`:]+)(?::([^`]*))?`")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling module; the tests load this file by path
+from glued import GLUE, glued_text, read_glue
+
 CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
 DOC = re.compile(r"\{doc\}`([^`]+)`")
 EXERCISE = re.compile(r"```\{exercise\}[^\n]*\n((?::[\w-]+:[^\n]*\n)*)(.*?)\n```", re.DOTALL)
@@ -65,20 +68,11 @@ def bibliography(text: str) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def format_value(text: str, spec: str) -> str:
-    """A glued value as the book prints it (myst-nb's own rule: a literal, formatted by ``spec``)."""
-    from myst_nb.core.variables import format_plain_text
-
-    return format_plain_text(text, spec or "")
-
-
 def plain_markdown(text: str, glue: dict, bib: dict, titles: dict[str, str], cited: list[str]) -> str:
     """One markdown cell's text with the glued values, citations and links written out."""
     def glued(m):
-        entry = glue.get(m.group(1))
-        if entry is None:
-            return f"[{m.group(1)}: run the notebook]"
-        return format_value(entry["data"].get("text/plain", ""), m.group(2))
+        value = glued_text(glue, m.group(1), m.group(2))
+        return f"[{m.group(1)}: run the notebook]" if value is None else value
 
     def cite(m):
         parts = []
@@ -198,8 +192,7 @@ def write_editions(source: Path, executed: Path, out: Path, student: bool = Fals
         titles[path.stem] = heading.group(1).strip() if heading else path.stem
     written = []
     for path in chapters:
-        glue_file = executed / f"{path.stem}.glue.json"
-        glue = json.loads(glue_file.read_text()) if glue_file.exists() else {}
+        glue = read_glue(executed, path.stem)
         _write(out / path.name, colab_edition(json.loads(path.read_text()), glue, bib, titles, student))
         written.append(out / path.name)
     return written
