@@ -184,8 +184,11 @@ def _train(examples: list[Example], settings: LoraSettings, folder: Path, progre
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
+    from .frozen import first_lora_layer, lower_states
+
     tok = load_tokenizer()
     model = lora_model(settings)
+    lower_states(model, first_lora_layer(model)).release([encode_example(tok, e)[0] for e in examples])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)

@@ -81,11 +81,13 @@ def tracin(
     means the training steps on the example lowered the query's loss (for a query whose target is
     a refusal: made the model more likely to refuse it).
 
-    The scores do not depend on ``batch_size``. Small batches keep the memory small (a batch's
+    ``model`` is used up: its frozen layers below the adapters are freed once their outputs for
+    ``train`` and ``queries`` are computed. The scores do not depend on ``batch_size``. Small batches keep the memory small (a batch's
     backward pass holds every upper layer's activations) at no cost in time, and the heap is
     trimmed after each batch, since sequences of varying length leave it fragmented.
     """
     tok = load_tokenizer()
+    lower_states(model, first_lora_layer(model)).release([encode_example(tok, e)[0] for e in train + queries])
     model.train()
     scores = torch.zeros(len(train), len(queries))
     for path, lr in saved:

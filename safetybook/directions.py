@@ -20,10 +20,10 @@ def last_token_activations(
 
     The last token of the chat template (the newline after ``assistant``) is where the model
     decides how to open its answer. Prompts are batched by length (less padding), and the chat
-    opening they share runs once per batch (``refusal.prompt_forward``) unless the model carries a
+    opening they share runs once per batch (``models.prompt_forward``) unless the model carries a
     hook that is not pointwise; the result is in the order of ``prompts``.
     """
-    from .refusal import pointwise, prompt_forward
+    from .models import by_length, pointwise, prompt_forward
 
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else layers
@@ -33,7 +33,7 @@ def last_token_activations(
         blocks[i].register_forward_hook(pointwise(lambda _m, _in, out, i=i: captured.__setitem__(i, residual(out)[:, -1])))
         for i in layers
     ]
-    order = sorted(range(len(prompts)), key=lambda i: len(tok(prompts[i], add_special_tokens=False).input_ids))
+    order = by_length(tok, prompts)
     chunks = []
     try:
         for start in range(0, len(prompts), batch_size):

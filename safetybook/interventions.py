@@ -23,8 +23,8 @@ from .directions import (
     diff_in_means,
     last_token_activations,
 )
-from .models import decoder_layers, residual
-from .refusal import pointwise, refusal_score
+from .models import decoder_layers, pointwise, residual
+from .refusal import refusal_score
 
 #: ``edit_direction`` scale that strengthens refusal in the inference chapter. Chosen on train
 #: prompts among 1.25, 1.5 and 2: the one that most raises refusal of jailbreak-wrapped harmful

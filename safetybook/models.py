@@ -277,19 +277,113 @@ def generate(
     system: str | None = None,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers to ``prompts``. For harmful prompts, show them only via ``display.truncate``."""
-    answers: list[str] = []
+    """Greedy answers to ``prompts``, in their order. For harmful prompts, show them only via
+    ``display.truncate``.
+
+    The same tokens as ``model.generate(do_sample=False)``, in a loop of its own: prompts are batched
+    by length (little padding), their shared chat opening runs once per batch (``prompt_forward``),
+    and a batch stops as soon as every answer has ended.
+    """
+    ends = _end_ids(model, tok)
+    order = by_length(tok, prompts)
+    answers = [""] * len(prompts)
     for start in range(0, len(prompts), batch_size):
-        enc = encode_chats(tok, prompts[start : start + batch_size], system)
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-        new = out[:, enc["input_ids"].shape[1] :]
-        answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        members = order[start : start + batch_size]
+        out, mask = prompt_forward(model, encode_chats(tok, [prompts[i] for i in members], system))
+        position = mask.sum(-1, keepdim=True)
+        done = torch.zeros(len(members), dtype=torch.bool)
+        new: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_token_id)
+            new.append(token)
+            done |= torch.isin(token, ends)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position + step,
+                        cache=out.cache, use_cache=True, logits_to_keep=1)
+        texts = tok.batch_decode(torch.stack(new, 1), skip_special_tokens=True)
+        for i, text in zip(members, texts):
+            answers[i] = text.strip()
     return answers
+
+
+def _end_ids(model: nn.Module, tok) -> torch.Tensor:
+    """The tokens that end an answer: the model's generation config's, else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    ends = getattr(config, "eos_token_id", None)
+    ends = tok.eos_token_id if ends is None else ends
+    return torch.tensor(ends if isinstance(ends, list) else [ends])
+
+
+def _hooks(model: nn.Module) -> list:
+    """The forward hooks on ``model``'s modules, except the read-only ones that transformers installs
+    for good the first time a caller asks for ``output_hidden_states`` or ``output_attentions`` (they
+    return nothing and record only when such an output is asked for)."""
+    return [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+            if getattr(h, "__name__", "") != "output_capturing_hook"]
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """Whether any module of ``model`` has a forward hook: an intervention is on, so the weights alone
+    no longer say what the model computes (and a cached measurement would be wrong)."""
+    return bool(_hooks(model))
+
+
+def pointwise(hook):
+    """Mark a forward hook as pointwise: it changes each position's output from that position's own
+    values alone, the same way everywhere (so a shared prompt opening may be computed once under it)."""
+    hook.pointwise = True
+    return hook
+
+
+def pointwise_only(model: nn.Module) -> bool:
+    """Whether every forward hook on ``model`` (if any) is marked ``pointwise``."""
+    return all(getattr(h, "pointwise", False) for h in _hooks(model))
+
+
+def by_length(tok, texts: list[str]) -> list[int]:
+    """The indices of ``texts`` from fewest tokens to most: batches taken in this order carry little
+    padding (the callers give results back in the order of ``texts``)."""
+    lengths = [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    return sorted(range(len(texts)), key=lambda i: lengths[i])
+
+
+def prompt_forward(model: nn.Module, enc: dict[str, torch.Tensor], keep: int = 1):
+    """The model's forward pass on a left-padded batch of chat prompts, with a key-value cache for the
+    continuation and logits at the last ``keep`` positions; returns the output and the attention mask
+    the cache lines up with.
+
+    Every chat prompt opens with the same tokens (the system prompt and the user header). When the
+    model has no hooks, or only pointwise ones (``pointwise``: an edit that treats every position
+    alike, such as directional ablation), that opening runs once and every prompt attends to its keys
+    and values: ``[opening][padding][rest]`` computes what ``[padding][opening][rest]`` does. Any other
+    hooked model (an intervention that may depend on positions) gets the plain forward pass.
+    """
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    lengths = mask.sum(-1)
+    rows = [ids[i, ids.shape[1] - int(n) :].tolist() for i, n in enumerate(lengths)]
+    shared = _shared_length(rows)
+    width = max(len(r) for r in rows) - shared
+    if not pointwise_only(model) or shared < 8 or len(rows) < 2 or width < keep:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep)
+        return out, mask
+    prefix = model(input_ids=torch.tensor([rows[0][:shared]]), use_cache=True, logits_to_keep=1).cache
+    prefix.batch_repeat_interleave(len(rows))
+    rest = torch.tensor([[0] * (width - len(r) + shared) + r[shared:] for r in rows])
+    rest_mask = torch.tensor([[0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows])
+    full_mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long), rest_mask], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    out = model(input_ids=rest, attention_mask=full_mask, position_ids=positions, cache=prefix, use_cache=True,
+                logits_to_keep=keep)
+    return out, full_mask
+
+
+def _shared_length(rows: list[list[int]]) -> int:
+    """How many leading tokens all ``rows`` share, keeping at least one token of each row after it."""
+    n = min(len(r) for r in rows) - 1
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return max(n, 0)

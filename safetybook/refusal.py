@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .cache import cache_dir, computing, digest, read_json, read_tensors, write_json, write_tensors
-from .models import borrowed_base, chat_text, fingerprint, generate
+from .models import borrowed_base, by_length, chat_text, fingerprint, generate, has_hooks, prompt_forward
 
 #: Ways a refusal opens. No opening's tokens are a prefix of another's, so their
 #: probabilities add up to the probability of opening with any of them.
@@ -77,45 +77,6 @@ def agreement_threshold(scores, judged, candidates=tuple(i / 20 for i in range(1
     return max(candidates, key=lambda t: (sum((s > t) == bool(j) for s, j in pairs), -t))
 
 
-def prompt_forward(model: nn.Module, enc: dict[str, torch.Tensor]):
-    """The model's forward pass on a left-padded batch of chat prompts, with a key-value cache for the
-    continuation; returns the output and the attention mask the cache lines up with.
-
-    Every chat prompt opens with the same tokens (the system prompt and the user header). When the
-    model has no hooks, or only pointwise ones (``pointwise``: an edit that treats every position
-    alike, such as directional ablation), that opening runs once and every prompt attends to its keys
-    and values: ``[opening][padding][rest]`` computes what ``[padding][opening][rest]`` does. Any other
-    hooked model (an intervention that may depend on positions) gets the plain forward pass.
-    """
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    lengths = mask.sum(-1)
-    rows = [ids[i, ids.shape[1] - int(n) :].tolist() for i, n in enumerate(lengths)]
-    shared = _shared_length(rows)
-    if not pointwise_only(model) or shared < 8 or len(rows) < 2:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return out, mask
-    prefix = model(input_ids=torch.tensor([rows[0][:shared]]), use_cache=True, logits_to_keep=1).cache
-    prefix.batch_repeat_interleave(len(rows))
-    width = max(len(r) for r in rows) - shared
-    rest = torch.tensor([[0] * (width - len(r) + shared) + r[shared:] for r in rows])
-    rest_mask = torch.tensor([[0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows])
-    full_mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long), rest_mask], dim=1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    out = model(input_ids=rest, attention_mask=full_mask, position_ids=positions, cache=prefix, use_cache=True,
-                logits_to_keep=1)
-    return out, full_mask
-
-
-def _shared_length(rows: list[list[int]]) -> int:
-    """How many leading tokens all ``rows`` share, keeping at least one token of each row after it."""
-    n = min(len(r) for r in rows) - 1
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return max(n, 0)
-
-
 def _opening_paths(openings: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """The openings' token paths after their first token, merged: each opening but its last token
     lies along one of a few *leaf* sequences (``"I'm not"`` covers ``"I'm sorry"``, ``"I'm unable"``
@@ -164,8 +125,7 @@ def refusal_score(
             targets.append(o[k])
             owners.append(i)
     rows_t, cols_t, targets_t, owners_t = map(torch.tensor, (rows, cols, targets, owners))
-    lengths = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    order = by_length(tok, prompts)
     scores = [0.0] * len(prompts)
     for start in range(0, len(prompts), batch_size):
         members = order[start : start + batch_size]
@@ -186,32 +146,6 @@ def refusal_score(
         for i, score in zip(members, total.exp().sum(-1).clamp(0, 1).tolist()):
             scores[i] = score
     return scores
-
-
-def _hooks(model: nn.Module) -> list:
-    """The forward hooks on ``model``'s modules, except the read-only ones that transformers installs
-    for good the first time a caller asks for ``output_hidden_states`` or ``output_attentions`` (they
-    return nothing and record only when such an output is asked for)."""
-    return [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-            if getattr(h, "__name__", "") != "output_capturing_hook"]
-
-
-def has_hooks(model: nn.Module) -> bool:
-    """Whether any module of ``model`` has a forward hook: an intervention is on, so the weights alone
-    no longer say what the model computes (and a cached measurement would be wrong)."""
-    return bool(_hooks(model))
-
-
-def pointwise(hook):
-    """Mark a forward hook as pointwise: it changes each position's output from that position's own
-    values alone, the same way everywhere (so a shared prompt opening may be computed once under it)."""
-    hook.pointwise = True
-    return hook
-
-
-def pointwise_only(model: nn.Module) -> bool:
-    """Whether every forward hook on ``model`` (if any) is marked ``pointwise``."""
-    return all(getattr(h, "pointwise", False) for h in _hooks(model))
 
 
 def _remembered(kind: str, model: nn.Module, key, compute):
@@ -252,26 +186,33 @@ def reference_answers(prompts: list[str], max_new_tokens: int = 40) -> list[str]
 
 
 def _answer_logprobs(model: nn.Module, tok, prompts: list[str], answers: list[str], batch_size: int = 8):
-    """For each prompt, the log-probabilities over the vocabulary at each token of its answer."""
-    for start in range(0, len(prompts), batch_size):
-        ps, ans = prompts[start : start + batch_size], answers[start : start + batch_size]
-        contexts = [tok(chat_text(tok, p), add_special_tokens=False).input_ids for p in ps]
-        conts = [tok(a, add_special_tokens=False).input_ids or [tok.eos_token_id] for a in ans]
-        seqs = [c + k for c, k in zip(contexts, conts)]
-        width, keep = max(map(len, seqs)), max(map(len, conts)) + 1
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(q)) + q for q in seqs])
-        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-        logprobs = logits.float().log_softmax(-1)
-        for row, k in enumerate(conts):
-            yield logprobs[row, keep - len(k) - 1 : keep - 1], torch.tensor(k)
+    """For each prompt, the log-probabilities over the vocabulary at each token of its answer: yields
+    ``(index, log-probs [answer tokens, vocab], answer tokens)`` in order of length, not of ``prompts``.
+    The shared chat opening runs once per batch (``prompt_forward``)."""
+    seqs, conts = [], []
+    for p, a in zip(prompts, answers):
+        conts.append(tok(a, add_special_tokens=False).input_ids or [tok.eos_token_id])
+        seqs.append(tok(chat_text(tok, p), add_special_tokens=False).input_ids + conts[-1])
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        members = order[start : start + batch_size]
+        width, keep = max(len(seqs[i]) for i in members), max(len(conts[i]) for i in members) + 1
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(seqs[i])) + seqs[i] for i in members])
+        mask = torch.tensor([[0] * (width - len(seqs[i])) + [1] * len(seqs[i]) for i in members])
+        out, _ = prompt_forward(model, {"input_ids": ids, "attention_mask": mask}, keep=keep)
+        logprobs = out.logits.float().log_softmax(-1)
+        for row, i in enumerate(members):
+            k = conts[i]
+            yield i, logprobs[row, keep - len(k) - 1 : keep - 1], torch.tensor(k)
 
 
 @torch.no_grad()
 def answer_nll(model: nn.Module, tok, prompts: list[str], answers: list[str]) -> list[float]:
     """Mean negative log-likelihood per token of ``answers`` given ``prompts``."""
-    return [-lp[torch.arange(len(k)), k].mean().item() for lp, k in _answer_logprobs(model, tok, prompts, answers)]
+    out = [0.0] * len(prompts)
+    for i, lp, k in _answer_logprobs(model, tok, prompts, answers):
+        out[i] = -lp[torch.arange(len(k)), k].mean().item()
+    return out
 
 
 TOP_K = 50
@@ -287,10 +228,10 @@ def reference_distributions(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The ``TOP_K`` likeliest next tokens (ids, log-probs) at each token of ``answers``:
     a compact copy of a model's behaviour to compare others against."""
-    out = []
-    for lp, _ in _answer_logprobs(model, tok, prompts, answers):
+    out: list = [None] * len(prompts)
+    for i, lp, _ in _answer_logprobs(model, tok, prompts, answers):
         top = lp.topk(TOP_K, dim=-1)
-        out.append((top.indices, top.values))
+        out[i] = (top.indices, top.values)
     return out
 
 
@@ -315,7 +256,8 @@ def kl_from_reference(model: nn.Module, tok, prompts: list[str], answers: list[s
     bucket for all other tokens (a lower bound on the full KL, tight when the top tokens
     hold most of the probability)."""
     total, count = 0.0, 0
-    for (lp, _), (ids, ref_lp) in zip(_answer_logprobs(model, tok, prompts, answers), reference):
+    for i, lp, _ in _answer_logprobs(model, tok, prompts, answers):
+        ids, ref_lp = reference[i]
         p, q = ref_lp.exp(), lp.gather(-1, ids).exp()
         p_rest = (1 - p.sum(-1)).clamp(min=1e-12)
         q_rest = (1 - q.sum(-1)).clamp(min=1e-12)

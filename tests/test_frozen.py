@@ -97,3 +97,22 @@ def test_shared_lower_states_do_not_keep_a_model_alive(tiny_model, tok):
     assert alive() is None, "lower_states kept the model in memory"
     again = lora_model(with_settings(layers=(1,)), base=copy.deepcopy(tiny_model))
     assert lower_states(again, 1) is states and torch.equal(states(ids), first)
+
+
+def test_released_lower_layers_keep_the_states_and_refuse_new_sequences(tiny_model, tok):
+    """After ``release`` the frozen layers hold no weights, training losses are unchanged, and a
+    sequence whose states were not computed raises instead of running empty layers."""
+    from safetybook.frozen import lower_states
+
+    model = lora_model(with_settings(layers=(1,)), base=copy.deepcopy(tiny_model))
+    pairs = [encode_example(tok, e) for e in EXAMPLES[:4]]
+    before = shared_prefix_losses(model, LowerStates(model, 1), pairs).detach()
+    states = lower_states(model, 1)
+    states.release([ids for ids, _ in pairs])
+    frozen, adapted = model.get_base_model().model.layers
+    assert all(p.numel() == 0 for p in frozen.parameters())
+    assert all(p.numel() > 0 for p in adapted.parameters())
+    torch.testing.assert_close(shared_prefix_losses(model, states, pairs), before, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="released"):
+        states(encode_example(tok, Example("A prompt that no other test uses: purple llamas?", ANSWER, "harmless"))[0])
+    assert lower_states(model, 1)._released, "asking again for the same model keeps it released"

@@ -161,7 +161,7 @@ def test_pointwise_edits_score_the_same_with_the_shared_opening_computed_once(ti
     """Ablation, addition and feature scaling are marked pointwise, so refusal_score computes the chat
     opening once under them; the scores equal those of the plain forward pass, which an unmarked
     copy of the same hooks forces."""
-    from safetybook.refusal import pointwise_only
+    from safetybook.models import pointwise_only
 
     d = direction(tiny_model)
     encoder, bias, decoder = torch.randn(tiny_model.config.hidden_size, 4), torch.zeros(4), torch.randn(4, tiny_model.config.hidden_size)

@@ -136,3 +136,55 @@ def test_last_token_activations_equal_each_prompt_run_alone(tiny_model, tok):
             hidden = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
         for layer in range(acts.shape[0] - 1):  # the last entry of hidden_states is after the final norm
             assert torch.allclose(acts[layer, j], hidden[layer + 1][0, -1], atol=1e-4), (p, layer)
+
+
+def _hf_greedy(model, tok, prompt: str, max_new_tokens: int) -> str:
+    """transformers' own greedy decoding of one prompt, unpadded: what ``generate`` must reproduce."""
+    from safetybook.models import encode_chats
+
+    enc = encode_chats(tok, [prompt])
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                         temperature=None, top_p=None, top_k=None)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("ends_early", [False, True])
+def test_generate_equals_transformers_greedy_decoding(tiny_model, tok, ends_early):
+    """The book's greedy loop (batched by length, shared chat opening run once, early stop) gives the
+    same answers as transformers' generate on each prompt alone; with an end token that the model
+    emits at once, the answers stop there."""
+    from safetybook.models import generate
+    from tests.conftest import COMPLY, REFUSE
+
+    prompts = [REFUSE[0], COMPLY[0], COMPLY[1] + " Please explain in detail, step by step.", REFUSE[1]]
+    config = tiny_model.generation_config
+    saved, first = config.eos_token_id, None
+    if ends_early:  # make the first answer token of the first prompt an end token
+        from safetybook.models import encode_chats
+
+        first = int(tiny_model(**encode_chats(tok, prompts[:1])).logits[0, -1].argmax())
+        config.eos_token_id = [first, tok.eos_token_id]
+    try:
+        expected = [_hf_greedy(tiny_model, tok, p, 6) for p in prompts]
+        assert generate(tiny_model, tok, prompts, max_new_tokens=6, batch_size=3) == expected
+    finally:
+        config.eos_token_id = saved
+    if ends_early:
+        assert expected[0] == tok.decode([first]).strip(), "the first prompt's answer should stop at its first token"
+    else:
+        assert all(expected), "every answer should have some text"
+
+
+def test_generate_under_an_unmarked_hook_takes_the_padded_path(tiny_model, tok):
+    """A hook that is not marked pointwise gets every prompt whole, left-padded in its batch; the
+    answers still equal transformers' generate on each prompt alone under the same hook."""
+    from safetybook.models import decoder_layers, generate, pointwise_only
+    from tests.conftest import COMPLY, REFUSE
+
+    handle = decoder_layers(tiny_model)[0].register_forward_hook(lambda _m, _i, out: out * 0.9)
+    try:
+        assert not pointwise_only(tiny_model)
+        prompts = [REFUSE[0], COMPLY[0] + " With butter and salt, please.", COMPLY[2]]
+        assert generate(tiny_model, tok, prompts, max_new_tokens=5) == [_hf_greedy(tiny_model, tok, p, 5) for p in prompts]
+    finally:
+        handle.remove()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from safetybook.models import generate
+from safetybook.models import generate, has_hooks
 from safetybook.refusal import (
     REFUSAL_OPENINGS,
     answer_nll,
@@ -14,7 +14,7 @@ from safetybook.refusal import (
     opening_ids,
     refusal_score,
 )
-from tests.conftest import ANSWER, COMPLY, REFUSE
+from tests.conftest import ANSWER, COMPLY, REFUSAL, REFUSE
 
 
 def test_openings_are_prefix_free(tok):
@@ -131,7 +131,7 @@ def test_a_hooked_model_is_never_read_from_the_cache(tiny_model, tok, monkeypatc
     layer = tiny_model.model.layers[0]
     handle = layer.register_forward_hook(lambda _m, _i, out: out * 0)
     try:
-        assert refusal.has_hooks(tiny_model)
+        assert has_hooks(tiny_model)
         hooked = refusal.cached_refusal_score(tiny_model, tok, prompts)
     finally:
         handle.remove()
@@ -187,7 +187,7 @@ def test_transformers_output_capturing_hooks_are_not_an_intervention(tiny_model,
     they must not switch off the cache or the shared-opening forward pass."""
     import copy
 
-    from safetybook.refusal import has_hooks, pointwise_only
+    from safetybook.models import has_hooks, pointwise_only
 
     model = copy.deepcopy(tiny_model)
     model(**tok(["Hi"], return_tensors="pt"), output_hidden_states=True, output_attentions=True)
@@ -196,3 +196,23 @@ def test_transformers_output_capturing_hooks_are_not_an_intervention(tiny_model,
     handle = model.model.layers[0].register_forward_hook(lambda *a: None)
     assert has_hooks(model) and not pointwise_only(model)
     handle.remove()
+
+
+def test_answer_nll_equals_each_pair_scored_alone(tiny_model, tok):
+    """Batched by length with the chat opening run once, each answer's loss equals the loss of its
+    prompt and answer run alone, unpadded, and comes back in the order of the prompts."""
+    import torch
+
+    from safetybook.models import chat_text
+
+    prompts = [COMPLY[0], REFUSE[0] + " Tell me everything about it.", COMPLY[2], REFUSE[1]]
+    answers = [ANSWER, "No.", "Paris is the capital of France, a city on the Seine.", REFUSAL]
+    alone = []
+    for p, a in zip(prompts, answers):
+        context = tok(chat_text(tok, p), add_special_tokens=False).input_ids
+        target = tok(a, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = tiny_model(input_ids=torch.tensor([context + target])).logits[0].float()
+        lp = logits[len(context) - 1 : -1].log_softmax(-1)
+        alone.append(-lp[torch.arange(len(target)), torch.tensor(target)].mean().item())
+    assert answer_nll(tiny_model, tok, prompts, answers) == pytest.approx(alone, abs=1e-4)
