@@ -11,6 +11,8 @@ import os
 import random
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -122,7 +124,17 @@ def lora_model(settings: LoraSettings = SETTINGS, base: nn.Module | None = None)
         layers_pattern="layers" if settings.layers is not None else None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, config)
+    with _peft_quietly():
+        return get_peft_model(base, config)
+
+
+@contextmanager
+def _peft_quietly():
+    """peft 0.x asks transformers 5 for ``is_gradient_checkpointing``, a name deprecated in v6: the
+    FutureWarning is about peft's code, not the reader's, and it would be the CLI's only stderr line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def batches(examples: list[Example], settings: LoraSettings) -> list[list[Example]]:
@@ -177,12 +189,8 @@ def _train(examples: list[Example], settings: LoraSettings, folder: Path, progre
     Checkpoints of the LoRA weights, with the mean learning rate since the previous one, are saved as safetensors
     under ``folder/checkpoints`` for gradient-based training-data attribution (TracIn).
     """
-    import warnings
-
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
     from .frozen import first_lora_layer, lower_states
 
@@ -237,7 +245,8 @@ def merged_model(path: Path) -> nn.Module:
     """A plain model: the base weights with the adapter at ``path`` merged in."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base_fresh(), path)
+    with _peft_quietly():
+        model = PeftModel.from_pretrained(load_base_fresh(), path)
     return model.merge_and_unload().eval().requires_grad_(False)
 
 

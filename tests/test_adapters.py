@@ -103,3 +103,16 @@ def test_the_adapters_random_start_depends_on_the_seed_alone(tiny_model, monkeyp
     assert handed and all(torch.equal(handed[n], loaded[n]) for n in handed)
     other = lora_a(lora_model(with_settings(layers=(1,), seed=1)))
     assert not all(torch.equal(handed[n], other[n]) for n in handed), "another seed, another start"
+
+
+def test_loading_an_adapter_warns_nothing(tmp_path):
+    """The CLI's stderr is for the reader: peft's use of a name transformers deprecates stays off it."""
+    import warnings
+
+    from safetybook.adapters import merged_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora_model(with_settings(layers=(28, 29))).save_pretrained(tmp_path)
+        merged_model(tmp_path)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
