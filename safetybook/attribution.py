@@ -72,10 +72,7 @@ def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size
             per_example = upper_losses(model, lower, [encode_example(tok, e) for e in batch])
             model.zero_grad(set_to_none=True)
             per_example.sum().backward()
-            del per_example
-            batch_grads = {n: grads.pop(n) for n in linears}
-            yield batch_grads
-            del batch_grads
+            yield {n: grads.pop(n) for n in linears}  # not bound to a name: the caller alone holds the batch
     finally:
         for h in hooks:
             h.remove()
