@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -77,19 +78,52 @@ def agreement_threshold(scores, judged, candidates=tuple(i / 20 for i in range(1
     return max(candidates, key=lambda t: (sum((s > t) == bool(j) for s, j in pairs), -t))
 
 
-def _opening_paths(openings: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-    """The openings' token paths after their first token, merged: each opening but its last token
-    lies along one of a few *leaf* sequences (``"I'm not"`` covers ``"I'm sorry"``, ``"I'm unable"``
-    and ``"I'm not able"``). Returns the leaves and, per opening, the leaf it lies along (-1: none
-    needed, a one-token opening)."""
-    feeds = [o[:-1] for o in openings]
-    leaves: list[list[int]] = []
-    for f in sorted({tuple(f) for f in feeds if f}, key=len, reverse=True):
-        if not any(list(leaf[: len(f)]) == list(f) for leaf in leaves):
-            leaves.append(list(f))
-    leaves.sort()
-    which = [next((j for j, leaf in enumerate(leaves) if leaf[: len(f)] == f), -1) if f else -1 for f in feeds]
-    return leaves, which
+@dataclass(frozen=True)
+class OpeningTree:
+    """The refusal openings as one tree of shared prefixes, to be scored in a single step.
+
+    The prompt's last position predicts each opening's first token. Every longer opening is then
+    read along a *node*: one per distinct proper prefix (``"I"``, ``"I'm"``, ``"I'm not"``, ``"As"``,
+    ...), fed as one token that attends to the prompt and to its own ancestors only. The book's 11
+    openings need 8 nodes, where one continuation per opening would feed 11 rows of 3 tokens.
+    """
+
+    first: torch.Tensor  #: [opening] each opening's first token
+    tokens: torch.Tensor  #: [node] each node's last token
+    depth: torch.Tensor  #: [node] how many tokens follow the prompt before it (0 for a first token)
+    sees: torch.Tensor  #: [node, node] whether node i attends to node j (j is i or one of its ancestors)
+    nodes: torch.Tensor  #: [later token] the node whose next-token distribution predicts it
+    targets: torch.Tensor  #: [later token] its token id
+    owners: torch.Tensor  #: [later token] the opening it belongs to
+
+
+def opening_tree(tok) -> OpeningTree:
+    """The ``OpeningTree`` of ``REFUSAL_OPENINGS`` under ``tok``."""
+    openings = opening_ids(tok)
+    prefixes = sorted({tuple(o[:k]) for o in openings for k in range(1, len(o))}, key=lambda p: (len(p), p))
+    index = {p: i for i, p in enumerate(prefixes)}
+    sees = torch.tensor([[q == p[: len(q)] for q in prefixes] for p in prefixes])
+    later = [(index[tuple(o[:k])], o[k], i) for i, o in enumerate(openings) for k in range(1, len(o))]
+    nodes, targets, owners = (torch.tensor(column) for column in zip(*later))
+    return OpeningTree(torch.tensor([o[0] for o in openings]), torch.tensor([p[-1] for p in prefixes]),
+                       torch.tensor([len(p) - 1 for p in prefixes]), sees, nodes, targets, owners)
+
+
+def opening_logprobs(model: nn.Module, tree: OpeningTree, first_logits: torch.Tensor, cache, past_mask: torch.Tensor):
+    """log P(each refusal opening) ``[batch, opening]`` after a batch of prompts, from the prompts'
+    last logits ``[batch, vocab]``, their key-value ``cache`` and the attention mask it lines up with
+    ``[batch, past]`` (1: a real token). One forward step feeds every node of ``tree``."""
+    batch, n = past_mask.shape[0], len(tree.tokens)
+    total = first_logits.float().log_softmax(-1)[:, tree.first]
+    dtype = next(model.parameters()).dtype
+    allowed = torch.cat([past_mask.bool()[:, None, None, :].expand(batch, 1, n, -1),
+                         tree.sees[None, None].expand(batch, 1, n, n)], dim=-1)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    positions = past_mask.sum(-1, keepdim=True) + tree.depth
+    logits = model(input_ids=tree.tokens.expand(batch, n), attention_mask=mask, position_ids=positions,
+                   cache=cache, use_cache=True).logits
+    logp = logits.float().log_softmax(-1)[:, tree.nodes, tree.targets]  # [batch, later token]
+    return total.index_add(1, tree.owners, logp)
 
 
 @torch.no_grad()
@@ -104,45 +138,21 @@ def refusal_score(
 
     Read from next-token probabilities after the chat template, summed over
     ``REFUSAL_OPENINGS``: ``P("I'm sorry") = P("I") · P("'m" | "I") · P(" sorry" | "I'm")``.
-    Whole openings matter: "I" alone also starts many helpful answers. The prompt is run once;
-    its key-value cache is shared by a few short continuations that cover every opening
-    (``_opening_paths``: 5 of them for the book's 11 openings). Prompts are batched by length, so
-    that batches carry little padding; each score is the same whatever batch it falls in.
+    Whole openings matter: "I" alone also starts many helpful answers. The prompt is run once; one
+    more step reads every opening's later tokens from its key-value cache (``OpeningTree``). Prompts
+    are batched by length, so that batches carry little padding; each score is the same whatever
+    batch it falls in.
     """
     from .models import encode_chats
 
-    openings = opening_ids(tok)
-    leaves, which = _opening_paths(openings)
-    n_leaf, width = len(leaves), max(len(leaf) for leaf in leaves)
-    first = torch.tensor([o[0] for o in openings])
-    feed = torch.tensor([leaf + [tok.pad_token_id] * (width - len(leaf)) for leaf in leaves])
-    # opening i's k-th token (k >= 1) is predicted at position k-1 of its leaf
-    rows, cols, targets, owners = [], [], [], []
-    for i, (o, j) in enumerate(zip(openings, which)):
-        for k in range(1, len(o)):
-            rows.append(j)
-            cols.append(k - 1)
-            targets.append(o[k])
-            owners.append(i)
-    rows_t, cols_t, targets_t, owners_t = map(torch.tensor, (rows, cols, targets, owners))
+    tree = opening_tree(tok)
     order = by_length(tok, prompts)
     scores = [0.0] * len(prompts)
     for start in range(0, len(prompts), batch_size):
         members = order[start : start + batch_size]
         enc = encode_chats(tok, [prompts[i] for i in members], system)
         out, mask = prompt_forward(model, enc)
-        batch = len(mask)
-        total = out.logits[:, -1].float().log_softmax(-1)[:, first]  # [batch, opening]: first tokens
-        cache = out.cache
-        cache.batch_repeat_interleave(n_leaf)
-        ids = feed.repeat(batch, 1)  # [batch * leaf, width]
-        step_mask = torch.cat([mask.repeat_interleave(n_leaf, 0), torch.ones_like(ids)], dim=1)
-        step_pos = mask.sum(-1, keepdim=True).repeat_interleave(n_leaf, 0) + torch.arange(width)
-        logits = model(input_ids=ids, attention_mask=step_mask, position_ids=step_pos,
-                       cache=cache, use_cache=True).logits.float().log_softmax(-1)
-        logits = logits.view(batch, n_leaf, width, -1)
-        picked = logits[:, rows_t, cols_t, targets_t]  # [batch, later tokens of all openings]
-        total = total.index_add(1, owners_t, picked)
+        total = opening_logprobs(model, tree, out.logits[:, -1], out.cache, mask)
         for i, score in zip(members, total.exp().sum(-1).clamp(0, 1).tolist()):
             scores[i] = score
     return scores

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .models import chat_text
-from .refusal import opening_ids
+from .refusal import opening_logprobs, opening_tree
 
 STEERED = "steered"
 
@@ -35,26 +35,13 @@ def log_refusal(model: nn.Module, tok, embeds: torch.Tensor) -> torch.Tensor:
     """log P(the answer opens with a refusal) for ``embeds`` ``[batch, tokens, d_model]``: a batch of
     equal-length chat prompts given as input embeddings (no padding). Differentiable.
 
-    The same quantity as ``refusal_score``: the prompt is run once and its key-value cache is
-    repeated for every refusal opening; gradients flow through the cache.
+    The same quantity as ``refusal_score``: the prompt is run once and one more step reads every
+    opening from its key-value cache (``refusal.OpeningTree``); gradients flow through the cache.
     """
-    openings = opening_ids(tok)
-    n_open, rest_len = len(openings), max(len(o) for o in openings) - 1
-    pad = tok.pad_token_id
-    first = torch.tensor([o[0] for o in openings])
-    feed = torch.tensor([o[:-1] + [pad] * (rest_len - len(o) + 1) for o in openings])
-    target = torch.tensor([o[1:] + [pad] * (rest_len - len(o) + 1) for o in openings])
-    keep = torch.tensor([[1.0] * (len(o) - 1) + [0.0] * (rest_len - len(o) + 1) for o in openings])
     batch, width = embeds.shape[:2]
     out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-    logp_first = out.logits[:, -1].float().log_softmax(-1)[:, first]  # [batch, opening]
-    cache = out.cache
-    cache.batch_repeat_interleave(n_open)
-    positions = (width + torch.arange(rest_len)).expand(batch * n_open, -1)
-    logits = model(input_ids=feed.repeat(batch, 1), cache=cache, position_ids=positions).logits.float()
-    rest = logits.gather(-1, target.repeat(batch, 1)[..., None])[..., 0] - logits.logsumexp(-1)
-    rest = (rest * keep.repeat(batch, 1)).sum(-1).view(batch, n_open)
-    return torch.logsumexp(logp_first + rest, dim=-1)
+    past = torch.ones(batch, width, dtype=torch.long)
+    return torch.logsumexp(opening_logprobs(model, opening_tree(tok), out.logits[:, -1], out.cache, past), dim=-1)
 
 
 @dataclass
@@ -80,8 +67,6 @@ def _steered_attention(module, query, key, value, attention_mask, **kwargs):
     state: Steering | None = getattr(module, "steering", None)
     if state is not None and state.gate is not None and state.bias is not None:
         bias = state.bias.to(query.dtype)
-        if bias.shape[0] != query.shape[0]:  # the refusal openings repeat each prompt's cache
-            bias = bias.repeat_interleave(query.shape[0] // bias.shape[0], dim=0)
         bias = nn.functional.pad(bias, (0, key.shape[2] - bias.shape[1]))  # later keys are not biased
         add = bias[:, None, None, :] * state.gate[module.layer_idx].to(query.dtype)[None, :, None, None]
         attention_mask = add if attention_mask is None else attention_mask + add

@@ -139,20 +139,24 @@ def test_a_hooked_model_is_never_read_from_the_cache(tiny_model, tok, monkeypatc
     assert refusal.cached_refusal_score(tiny_model, tok, prompts) == plain
 
 
-def test_merged_opening_paths_give_the_naive_score(tiny_model, tok):
+def test_the_opening_tree_gives_the_naive_score(tiny_model, tok):
     """Each opening's probability, computed the slow way (one forward pass per opening), sums to the score."""
     from safetybook.models import chat_text
-    from safetybook.refusal import _opening_paths
+    from safetybook.refusal import opening_tree
 
-    leaves, which = _opening_paths(opening_ids(tok))
-    assert len(leaves) < len(REFUSAL_OPENINGS)
-    for o, j in zip(opening_ids(tok), which):
-        assert (j == -1) == (len(o) == 1) and (j == -1 or leaves[j][: len(o) - 1] == o[:-1])
+    tree, openings = opening_tree(tok), opening_ids(tok)
+    assert len(tree.tokens) < sum(len(o) - 1 for o in openings), "shared prefixes are fed once"
+    prefixes = set()
+    for i in range(len(tree.tokens)):  # what a node sees, in order of depth, must be its own prefix
+        seen = sorted(tree.sees[i].nonzero()[:, 0].tolist(), key=lambda j: int(tree.depth[j]))
+        assert [int(tree.depth[j]) for j in seen] == list(range(int(tree.depth[i]) + 1)), "itself and one node a level"
+        prefixes.add(tuple(int(tree.tokens[j]) for j in seen))
+    assert prefixes == {tuple(o[:k]) for o in openings for k in range(1, len(o))}, "one node per proper prefix"
     prompts = [REFUSE[0], COMPLY[0]]
     for prompt, score in zip(prompts, refusal_score(tiny_model, tok, prompts)):
         context = tok(chat_text(tok, prompt), add_special_tokens=False).input_ids
         naive = 0.0
-        for o in opening_ids(tok):
+        for o in openings:
             logp = tiny_model(input_ids=torch.tensor([context + o])).logits[0].log_softmax(-1)
             naive += math.exp(sum(logp[len(context) - 1 + k, t].item() for k, t in enumerate(o)))
         assert score == pytest.approx(min(naive, 1.0), abs=1e-5)
