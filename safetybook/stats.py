@@ -10,6 +10,7 @@ resamples both, the way they were drawn:
   hard) cancels out. Treating them as independent samples would overstate the noise.
 - ``seeded_difference``: the same, when each side is several training runs: runs are resampled
   within each side, then prompts (still paired across the sides).
+- ``paired_auroc_difference``: two scorers (a probe and a baseline, say) of the same prompts.
 - ``share``, ``mean``, ``auroc``: one measurement, with its interval.
 
 ``verdict`` turns an interval into exactly one word: **"helps"** when all of it lies on the better
@@ -154,6 +155,24 @@ def auroc(positive: Sequence[float], negative: Sequence[float], level: float = L
     iq = rng.integers(0, len(q), (BOOTSTRAP, len(q)))
     draws = np.array([_auc(p[i], q[j]) for i, j in zip(ip, iq)])
     return _percentiles(_auc(p, q), draws, level)
+
+
+def paired_auroc_difference(
+    positive_a: Sequence[float], negative_a: Sequence[float], positive_b: Sequence[float], negative_b: Sequence[float],
+    level: float = LEVEL, seed: int = 0,
+) -> Interval:
+    """``AUROC(a) - AUROC(b)`` for two scorers of the **same** prompts (in the same order): each class's
+    prompts are resampled once for both scorers, so that a prompt hard for both cancels out."""
+    pa, qa = _array(positive_a, "positive_a"), _array(negative_a, "negative_a")
+    pb, qb = _array(positive_b, "positive_b"), _array(negative_b, "negative_b")
+    if len(pa) != len(pb) or len(qa) != len(qb):
+        raise ValueError("paired AUROCs need the same prompts scored by both: "
+                         f"{len(pa)}/{len(qa)} against {len(pb)}/{len(qb)}")
+    rng = np.random.default_rng(seed)
+    ip = rng.integers(0, len(pa), (BOOTSTRAP, len(pa)))
+    iq = rng.integers(0, len(qa), (BOOTSTRAP, len(qa)))
+    draws = np.array([_auc(pa[i], qa[j]) - _auc(pb[i], qb[j]) for i, j in zip(ip, iq)])
+    return _percentiles(_auc(pa, qa) - _auc(pb, qb), draws, level)
 
 
 def _auc(p: np.ndarray, q: np.ndarray) -> float:

@@ -85,6 +85,20 @@ def test_auroc_and_its_interval():
     assert 0.88 <= rate <= 0.99, f"AUROC interval covered {rate:.0%} of the time"
 
 
+def test_paired_auroc_difference_cancels_what_two_scorers_share():
+    pos, neg = RNG.normal(1, 1, 60), RNG.normal(0, 1, 60)
+    same = stats.paired_auroc_difference(pos, neg, pos, neg)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+    noisy_pos, noisy_neg = pos + RNG.normal(0, 0.5, 60), neg + RNG.normal(0, 0.5, 60)  # the same scorer, blurred
+    diff = stats.paired_auroc_difference(pos, neg, noisy_pos, noisy_neg)
+    width = diff.high - diff.low
+    alone = [stats.auroc(pos, neg), stats.auroc(noisy_pos, noisy_neg)]
+    assert width < min(a.high - a.low for a in alone), (diff, alone)  # unpaired, the noise would add up
+    assert diff.estimate == pytest.approx(alone[0].estimate - alone[1].estimate)
+    with pytest.raises(ValueError, match="same prompts"):
+        stats.paired_auroc_difference(pos, neg, pos[:-1], neg)
+
+
 @pytest.mark.parametrize(
     ("low", "high", "better", "word"),
     [(-0.2, -0.05, "lower", "helps"), (0.05, 0.2, "lower", "hurts"), (-0.1, 0.1, "lower", "no clear effect"),
