@@ -81,28 +81,32 @@ def fit_probe(layer: int, positive: torch.Tensor, negative: torch.Tensor, c: flo
     return Probe(layer, clf.coef_[0].tolist(), float(clf.intercept_[0]), mean.tolist(), std.tolist())
 
 
+def held_out_scores(acts: torch.Tensor, labels: np.ndarray, groups: list, layer: int, folds: int = 5) -> np.ndarray:
+    """P(positive) for every row of ``acts`` ``[prompt, d]`` (taken at ``layer``), each from a ``fit_probe``
+    fitted in ``folds`` folds grouped by ``groups`` on the other folds' rows: a group's rows are held out
+    together, so no prompt is scored by a probe that saw it or its twin."""
+    from sklearn.model_selection import GroupKFold
+
+    labels = np.asarray(labels, bool)
+    if len(groups) != len(labels):
+        raise ValueError(f"one group per prompt: {len(groups)} groups for {len(labels)} prompts")
+    scores = np.zeros(len(labels))
+    for train, held in GroupKFold(folds).split(labels, labels, groups):
+        scores[held] = fit_probe(layer, acts[train[labels[train]]], acts[train[~labels[train]]]).predict(acts[held])
+    return scores
+
+
 def probe_cv_accuracy(positive: torch.Tensor, negative: torch.Tensor, groups: list, folds: int = 5) -> np.ndarray:
     """Each layer's cross-validated balanced accuracy of ``fit_probe``, for activations ``[layer, prompt, d]``.
 
     ``groups`` names a group for every row of ``positive`` then ``negative``; a group's rows are held
-    out together (a harmful prompt with the harmless prompt written as its pair, say), so that no
-    probe is scored on a prompt whose twin it was fitted on. Only these rows are used: choosing a
-    layer by this score keeps the test prompts out of the choice.
+    out together (a harmful prompt with the harmless prompt written as its pair, say: ``held_out_scores``).
+    Only these rows are used: choosing a layer by this score keeps the test prompts out of the choice.
     """
-    from sklearn.model_selection import GroupKFold
-
-    if len(groups) != positive.shape[1] + negative.shape[1]:
-        raise ValueError(f"one group per prompt: {len(groups)} groups for "
-                         f"{positive.shape[1] + negative.shape[1]} prompts")
     labels = np.r_[np.ones(positive.shape[1], bool), np.zeros(negative.shape[1], bool)]
-    splits = list(GroupKFold(folds).split(labels, labels, groups))
     out = []
     for layer in range(positive.shape[0]):
-        acts = torch.cat([positive[layer], negative[layer]])
-        flagged = np.zeros(len(labels), bool)
-        for train, held in splits:
-            probe = fit_probe(layer, acts[train[labels[train]]], acts[train[~labels[train]]])
-            flagged[held] = probe.predict(acts[held]) > 0.5
+        flagged = held_out_scores(torch.cat([positive[layer], negative[layer]]), labels, groups, layer, folds) > 0.5
         out.append((flagged[labels].mean() + (~flagged[~labels]).mean()) / 2)
     return np.array(out)
 

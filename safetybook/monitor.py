@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .directions import PROBE_LAYER, Probe, fit_probe
+from .directions import PROBE_LAYER, Probe, held_out_scores
 from .models import decoder_layers, encode_chats, generate, residual
 
 #: What a blocked answer is replaced with.
@@ -106,14 +106,10 @@ def probe_generate(
 def held_out_threshold(acts: torch.Tensor, labels: np.ndarray, groups: list[int], layer: int,
                        negatives: slice, false_positive_rate: float = 0.05) -> tuple[float, np.ndarray]:
     """A probe threshold that flags ``false_positive_rate`` of the ``negatives`` rows, from probes refit in
-    5 folds grouped by prompt (``groups``), so that no prompt is scored by a probe that saw it (the
-    probe's own train scores would be overconfident). Returns the threshold and every held-out score."""
-    from sklearn.model_selection import GroupKFold
-
-    scores = np.zeros(len(labels))
-    for train, held in GroupKFold(5).split(acts, labels, groups):
-        pos, neg = [i for i in train if labels[i]], [i for i in train if not labels[i]]
-        scores[held] = fit_probe(layer, acts[pos], acts[neg]).predict(acts[held])
+    5 folds grouped by prompt (``groups``; ``directions.held_out_scores``), so that no prompt is scored by
+    a probe that saw it (the probe's own train scores would be overconfident). Returns the threshold and
+    every held-out score."""
+    scores = held_out_scores(acts, labels, groups, layer)
     return float(np.quantile(scores[negatives], 1 - false_positive_rate)), scores
 
 

@@ -99,7 +99,8 @@ def _weights_key(model_name: str) -> str:
     return "" if model_name == "base" else fingerprint(load_model(model_name)[0])
 
 
-def _probe_sets() -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+def probe_sets() -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+    """The guard probe's train prompts: harmful, harmless, borderline, wrapped harmful, wrapped harmless."""
     harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
     return harmful, harmless, prompts("borderline", "train"), wrap(harmful, "train"), wrap(harmless, "train")
 
@@ -108,7 +109,7 @@ def _probe_activations(model_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Last-token activations ``[layer, prompt, d]`` at every layer of ``model_name`` for the probe's
     positive and negative train prompts. One forward pass gives every layer, so the probe at any
     layer and the monitor's threshold share it; cached on disk as safetensors."""
-    harmful, harmless, border, harmful_wrapped, harmless_wrapped = _probe_sets()
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
     positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
     path = cache_dir("activations") / f"probe-{model_name}-{digest(positive, negative, _weights_key(model_name))}.safetensors"
     saved = read_tensors(path)
@@ -125,7 +126,7 @@ def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
     """The book's harmfulness probe at ``layer`` of ``model_name``: harmful train prompts, plain and
     jailbreak-wrapped, against harmless ones (plain and wrapped, so that the wrapper alone is no
     cue) and borderline ones. Trained once, cached as JSON (never pickle)."""
-    harmful, harmless, border, harmful_wrapped, harmless_wrapped = _probe_sets()
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
     positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
     weights = _weights_key(model_name)
     key = digest(positive, negative) if not weights else digest(positive, negative, weights)
@@ -144,7 +145,7 @@ def probe_threshold(model_name: str = "base", layer: int = MONITOR_LAYER, false_
     """The monitor's threshold for ``harm_probe(model_name, layer)``: it flags ``false_positive_rate``
     of harmless train prompts (plain and wrapped), scored by probes that did not see them
     (``monitor.held_out_threshold``). Computed once, cached as JSON."""
-    harmful, harmless, border, harmful_wrapped, harmless_wrapped = _probe_sets()
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
     positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
     path = cache_dir("probes") / f"threshold-{model_name}-L{layer}-{false_positive_rate}-{digest(positive, negative)}.json"
     cached = read_json(path)
