@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="probability that the model opens with a refusal")
     score.add_argument("--model", default="base", help="base, tuned, repaired, control or a hub id")
     score.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
-    score.add_argument("--intervention", choices=("ablate-refusal", "add-refusal"),
-                       help="remove the model's refusal direction at every layer, or add it at its layer")
+    score.add_argument("--intervention", choices=("ablate-refusal", "add-refusal", "conditional"),
+                       help="remove the model's refusal direction at every layer, add it at its layer, or "
+                            "add it where the condition gate reads the prompt as harmful and remove it elsewhere")
     guard = sub.add_parser("guard", help="probability that each prompt is harmful, from the harmfulness probe")
     guard.add_argument("--model", default="base", choices=("base", "tuned"), help="whose activations the probe reads")
     guard.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
@@ -62,14 +63,20 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     edit = nullcontext()
     if args.intervention:
-        from .interventions import ablate_direction, add_direction
-        from .zoo import refusal_direction
+        from .interventions import ablate_direction, add_direction, conditionally_steered
+        from .zoo import condition_gate, refusal_direction
 
         found = refusal_direction(args.model)
-        edit = (ablate_direction(model, found.vector()) if args.intervention == "ablate-refusal"
-                else add_direction(model, found.vector(), found.layer, found.coefficient))
-    with edit:
-        scores = refusal_score(model, tok, prompts)
+        if args.intervention == "conditional":
+            gate = condition_gate(args.model)
+            scores, _ = conditionally_steered(model, tok, prompts, gate, found.vector(), found.layer, found.coefficient,
+                                              refusal_score)
+        else:
+            edit = (ablate_direction(model, found.vector()) if args.intervention == "ablate-refusal"
+                    else add_direction(model, found.vector(), found.layer, found.coefficient))
+    if args.intervention != "conditional":
+        with edit:
+            scores = refusal_score(model, tok, prompts)
     for prompt, score in zip(prompts, scores):
         print(json.dumps({"prompt": prompt, "refusal": round(score, 4)}), flush=True)
 

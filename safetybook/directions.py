@@ -117,6 +117,109 @@ def choose_probe_layer(positive: torch.Tensor, negative: torch.Tensor, groups: l
     return int(np.argmax(cv)), cv
 
 
+def request_start(tok, system: str | None = None) -> int:
+    """How many tokens of the chat template come before the user's request (the system prompt and the
+    user header): the same for every prompt."""
+    from .models import chat_text
+
+    marker = "[[request]]"
+    text = chat_text(tok, marker, system)
+    opening = tok(text[: text.index(marker)], add_special_tokens=False).input_ids
+    full = tok(text, add_special_tokens=False).input_ids
+    n = 0
+    while n < len(opening) and opening[n] == full[n]:
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def pooled_activations(
+    model: nn.Module, tok, prompts: list[str], layers: list[int] | None = None, batch_size: int = 16,
+    system: str | None = None,
+) -> torch.Tensor:
+    """Residual stream after each layer, averaged over the prompt's own tokens (the user's request
+    and the template tokens after it, not the system prompt they all share): ``[layer, prompt, d_model]``.
+
+    A condition read from the whole request (Lee et al.'s CAST pools the same way) does not rest on the
+    last token alone, which a jailbreak wrapper or an odd ending can move.
+    """
+    from .models import by_length
+
+    blocks = decoder_layers(model)
+    layers = list(range(len(blocks))) if layers is None else layers
+    start = request_start(tok, system)
+    captured: dict[int, torch.Tensor] = {}
+    keep: dict[str, torch.Tensor] = {}
+
+    def capture(_m, _in, out, i):
+        weights = keep["mask"].to(residual(out).dtype)
+        captured[i] = (residual(out) * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+
+    hooks = [blocks[i].register_forward_hook(lambda m, a, o, i=i: capture(m, a, o, i)) for i in layers]
+    order = by_length(tok, prompts)
+    chunks = []
+    try:
+        for begin in range(0, len(prompts), batch_size):
+            enc = encode_chats(tok, [prompts[i] for i in order[begin : begin + batch_size]], system)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            first = ids.shape[1] - mask.sum(-1) + start  # left padding: where each request begins
+            keep["mask"] = torch.arange(ids.shape[1])[None] >= first[:, None]
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                  logits_to_keep=1)
+            chunks.append(torch.stack([captured[i].float() for i in layers]))
+    finally:
+        for h in hooks:
+            h.remove()
+    acts = torch.cat(chunks, dim=1)
+    out = torch.empty_like(acts)
+    out[:, order] = acts
+    return out
+
+
+@dataclass
+class Gate:
+    """A condition read from the prompt, as in conditional activation steering (CAST, Lee et al.
+    2024): a ``Probe`` on the residual stream after ``probe.layer`` averaged over the prompt's tokens
+    (``pooled_activations``), and the ``threshold`` on its probability above which a prompt counts as
+    harmful. Both are chosen on train prompts (``choose_gate``); ``cv_accuracy`` is every layer's
+    cross-validated balanced accuracy, and ``cv_threshold_accuracy`` the chosen layer's at each
+    threshold tried."""
+
+    probe: Probe
+    threshold: float
+    cv_accuracy: list[float]
+    cv_threshold_accuracy: dict[str, float]
+
+    def probability(self, model: nn.Module, tok, prompts: list[str]) -> np.ndarray:
+        """P(harmful) of each prompt, read from ``model`` as it is now (call it on the unsteered model)."""
+        return self.probe.predict(pooled_activations(model, tok, prompts, [self.probe.layer])[0])
+
+    def flags(self, model: nn.Module, tok, prompts: list[str]) -> np.ndarray:
+        """Whether the condition holds (the prompt counts as harmful) for each prompt."""
+        return self.probability(model, tok, prompts) > self.threshold
+
+
+#: Thresholds ``choose_gate`` tries on the held-out probabilities of the train prompts.
+GATE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def choose_gate(positive: torch.Tensor, negative: torch.Tensor, groups: list, folds: int = 5) -> Gate:
+    """The ``Gate`` for pooled activations ``[layer, prompt, d]`` of positive and negative train prompts.
+
+    The layer is the one with the best grouped cross-validated accuracy (``choose_probe_layer``). The
+    threshold is the one of ``GATE_THRESHOLDS`` with the best balanced accuracy on the same held-out
+    probabilities (nearest 0.5 on a tie), so the test prompts play no part in either choice. The probe
+    is then fitted on every train prompt.
+    """
+    layer, cv = choose_probe_layer(positive, negative, groups, folds)
+    labels = np.r_[np.ones(positive.shape[1], bool), np.zeros(negative.shape[1], bool)]
+    held = held_out_scores(torch.cat([positive[layer], negative[layer]]), labels, groups, layer, folds)
+    balanced = {str(t): float(((held[labels] > t).mean() + (held[~labels] <= t).mean()) / 2) for t in GATE_THRESHOLDS}
+    threshold = max(GATE_THRESHOLDS, key=lambda t: (balanced[str(t)], -abs(t - 0.5)))
+    probe = fit_probe(layer, positive[layer], negative[layer])
+    return Gate(probe, float(threshold), [float(c) for c in cv], balanced)
+
+
 #: The layer the book's harmfulness probe reads: the CLI's guard and the inference chapter's steering gate.
 PROBE_LAYER = 18
 

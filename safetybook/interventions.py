@@ -7,7 +7,7 @@ measurement (``refusal_score``, ``generate``, ``harmless_cost``) runs unchanged 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -18,6 +18,7 @@ from .directions import (
     ADD_TARGET,
     CANDIDATE_LAYERS,
     COEFFICIENTS,
+    Gate,
     Probe,
     RefusalDirection,
     diff_in_means,
@@ -137,6 +138,30 @@ def conditional_steering(
     ]
     with _hooked(handles):
         yield seen
+
+
+def conditionally_steered(
+    model: nn.Module, tok, prompts: list[str], gate: Gate, direction: torch.Tensor, layer: int, coefficient: float,
+    measure: Callable[[nn.Module, object, list[str]], list],
+) -> tuple[list, np.ndarray]:
+    """Conditional activation steering in the manner of CAST (Lee et al., 2024), with the refusal
+    direction as the behaviour: ``measure(model, tok, prompts)`` (a refusal score, or answers) where
+    each prompt that ``gate`` reads as harmful gets ``coefficient * direction`` added after ``layer``,
+    and every other prompt has the direction ablated from every layer.
+
+    The condition is read from the unsteered model first, so the ablation cannot blind it. Returns
+    the measurements in the order of ``prompts`` and the gate's decision for each.
+    """
+    flags = gate.flags(model, tok, prompts)
+    out: list = [None] * len(prompts)
+    for harmful, edit in ((True, lambda: add_direction(model, direction, layer, coefficient)),
+                          (False, lambda: ablate_direction(model, direction))):
+        rows = [i for i, f in enumerate(flags) if bool(f) == harmful]
+        if rows:
+            with edit():
+                for i, value in zip(rows, measure(model, tok, [prompts[i] for i in rows])):
+                    out[i] = value
+    return out, flags
 
 
 @contextmanager

@@ -9,7 +9,8 @@ tiny one.
   ``"repaired"`` (its attribution-guided repair), ``"control"`` (the repair's random-removal control),
   or a hub id with a ``/`` (needs network; never used by the book itself);
 - artifacts: the harmfulness probe (``harm_probe``), the monitor's threshold
-  (``probe_threshold``), and the refusal direction (``refusal_direction``).
+  (``probe_threshold``), the refusal direction (``refusal_direction``) and the condition of
+  conditional steering (``condition_gate``).
 """
 from __future__ import annotations
 
@@ -22,22 +23,25 @@ from torch import nn
 
 from .adapters import SETTINGS, Example, LoraSettings, ensure_adapter, merged_model, safety_examples
 from .cache import cache_dir, computing, digest, read_json, read_tensors, write_json, write_tensors
-from .data import prompts, wrap
+from .data import load_prompts, prompts, wrap
 from .directions import (
     ADD_TARGET,
     CANDIDATE_LAYERS,
     COEFFICIENTS,
     PROBE_LAYER,
+    Gate,
     Probe,
     RefusalDirection,
+    choose_gate,
     fit_probe,
     last_token_activations,
+    pooled_activations,
 )
 from .interventions import select_refusal_direction
 from .models import LOADED, TOKENIZERS, ModelError, fingerprint, load_base, tokenizer_for, unload_model
 from .monitor import MONITOR_LAYER, held_out_threshold
 
-__all__ = ["LOCAL_NAMES", "harm_probe", "load_model", "monitor_probe", "probe_threshold", "recipe",
+__all__ = ["LOCAL_NAMES", "condition_gate", "harm_probe", "load_model", "monitor_probe", "probe_threshold", "recipe",
            "refusal_direction", "unload_model"]
 
 LOCAL_NAMES = ("base", "tuned", "repaired", "control")
@@ -103,6 +107,16 @@ def probe_sets() -> tuple[list[str], list[str], list[str], list[str], list[str]]
     """The guard probe's train prompts: harmful, harmless, borderline, wrapped harmful, wrapped harmless."""
     harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
     return harmful, harmless, prompts("borderline", "train"), wrap(harmful, "train"), wrap(harmless, "train")
+
+
+def probe_groups() -> list[str]:
+    """One group name for each of the guard probe's train prompts, positives then negatives as
+    ``_probe_activations`` orders them: a harmful prompt, its harmless twin and their wrapped versions
+    share a group, so cross-validation holds them out together."""
+    harmful, harmless, border, _, _ = probe_sets()
+    pair = {r.prompt: r.pair for r in load_prompts(split="train")}
+    return ([pair[p] for p in harmful] * 2 + [pair[p] for p in harmless] * 2
+            + [f"borderline-{i}" for i in range(len(border))])
 
 
 def _probe_activations(model_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,3 +196,22 @@ def refusal_direction(model_name: str = "tuned", n_select: int = 32, target: flo
         result = select_refusal_direction(model, tok, harmful, harmless, n_select, target)
         write_json(path, asdict(result))
     return result
+
+
+def condition_gate(model_name: str = "tuned") -> Gate:
+    """The condition of the book's conditional steering for ``model_name``: a probe on activations
+    pooled over the prompt (``directions.pooled_activations``), fitted on the guard's train prompts,
+    with its layer and threshold chosen by cross-validation on them (``directions.choose_gate``).
+    Found once and cached as JSON."""
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
+    positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
+    model, tok = load_model(model_name)
+    path = cache_dir("probes") / f"gate-{model_name}-{digest(positive, negative, fingerprint(model))}.json"
+    cached = read_json(path)
+    if cached is not None:
+        return Gate(**{**cached, "probe": Probe(**cached["probe"])})
+    with computing(f"the condition gate of '{model_name}' on {len(positive) + len(negative)} train prompts"):
+        acts = pooled_activations(model, tok, positive + negative)
+        gate = choose_gate(acts[:, : len(positive)], acts[:, len(positive) :], probe_groups())
+        write_json(path, asdict(gate))
+    return gate

@@ -1,4 +1,5 @@
-"""Choosing a probe's layer on train prompts alone: cross-validation, grouped by prompt pair."""
+"""Choosing a probe's layer on train prompts alone: cross-validation, grouped by prompt pair; activations
+pooled over the prompt, and the condition gate of conditional steering."""
 from __future__ import annotations
 
 import random
@@ -6,7 +7,16 @@ import random
 import pytest
 import torch
 
-from safetybook.directions import choose_probe_layer, probe_cv_accuracy
+from safetybook.directions import (
+    Gate,
+    Probe,
+    choose_gate,
+    choose_probe_layer,
+    pooled_activations,
+    probe_cv_accuracy,
+    request_start,
+)
+from safetybook.models import chat_text
 
 
 def _layers(n: int, d: int, separating: int, n_layers: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,3 +54,53 @@ def test_one_group_per_prompt_is_required():
     pos, neg = _layers(10, 4, separating=0, n_layers=1)
     with pytest.raises(ValueError, match="one group per prompt"):
         probe_cv_accuracy(pos, neg, groups=list(range(19)))
+
+
+def test_request_start_is_where_the_request_begins(tok):
+    prompt = "How do I bake bread?"
+    ids = tok(chat_text(tok, prompt), add_special_tokens=False).input_ids
+    start = request_start(tok)
+    assert tok.decode(ids[start:]).startswith(prompt)
+    assert prompt not in tok.decode(ids[:start])
+    assert "user" in tok.decode(ids[:start]), "the user header comes before the request"
+
+
+def test_pooled_activations_average_the_request_tokens(tiny_model, tok):
+    prompts = ["Name a fruit.", "How do I bake bread without an oven at home, step by step?"]
+    pooled = pooled_activations(tiny_model, tok, prompts)
+    assert pooled.shape == (2, 2, tiny_model.config.hidden_size)
+    start = request_start(tok)
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([tok(chat_text(tok, p), add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            hidden = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
+        # hidden_states[1] is the first layer's output (the last entry is normed, so it is not compared)
+        assert torch.allclose(pooled[0, i], hidden[1][0, start:].mean(0), atol=1e-4), i
+    alone = pooled_activations(tiny_model, tok, prompts[:1])
+    assert torch.allclose(alone[:, 0], pooled[:, 0], atol=1e-4), "padding beside a longer prompt changes nothing"
+    last = pooled_activations(tiny_model, tok, prompts[1:] + prompts[:1])
+    assert torch.allclose(last[:, 1], pooled[:, 0], atol=1e-4), "results come back in the order of the prompts"
+
+
+def test_gate_threshold_is_chosen_for_balanced_accuracy():
+    # few positives, overlapping classes: a probe's 0.5 boundary leans to the many negatives, so the
+    # balanced threshold on the held-out probabilities lies below it
+    g = torch.Generator().manual_seed(3)
+    n_pos, n_neg, d = 24, 120, 8
+    pos, neg = torch.randn(3, n_pos, d, generator=g), torch.randn(3, n_neg, d, generator=g)
+    pos[1, :, 0] += 1.5
+    groups = list(range(n_pos + n_neg))
+    random.Random(0).shuffle(groups)
+    gate = choose_gate(pos, neg, groups)
+    assert gate.probe.layer == 1
+    assert gate.threshold < 0.5, gate.cv_threshold_accuracy
+    best = max(gate.cv_threshold_accuracy.values())
+    assert gate.cv_threshold_accuracy[str(gate.threshold)] == best
+    assert best > gate.cv_threshold_accuracy["0.5"], gate.cv_threshold_accuracy
+
+
+@pytest.mark.parametrize("bias, expected", [(50.0, True), (-50.0, False)])
+def test_gate_flags_by_its_threshold(tiny_model, tok, bias, expected):
+    d = tiny_model.config.hidden_size
+    gate = Gate(Probe(layer=0, weight=[0.0] * d, bias=bias, mean=[0.0] * d, std=[1.0] * d), 0.5, [], {})
+    assert gate.flags(tiny_model, tok, ["Name a fruit.", "How can I steal a bike?"]).tolist() == [expected] * 2

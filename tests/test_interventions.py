@@ -1,19 +1,19 @@
 """Interventions on the residual stream, checked on the tiny 2-layer model."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from safetybook.directions import Probe
 from safetybook.interventions import (
     ablate_direction,
     add_direction,
-    conditional_steering,
+    conditionally_steered,
     edit_direction,
     random_like,
     scale_features,
 )
-from safetybook.models import decoder_layers, encode_chats, residual
+from safetybook.models import decoder_layers, encode_chats, has_hooks, residual
 from safetybook.refusal import refusal_score
 
 REFUSE = ["How can I steal a bike?", "Help me cheat on my exam."]  # as in conftest
@@ -37,10 +37,6 @@ def layer_outputs(model, tok, prompts):
 def direction(model, seed=1):
     torch.manual_seed(seed)
     return torch.randn(model.config.hidden_size)
-
-
-def probe_that(fires: bool, d: int) -> Probe:
-    return Probe(layer=0, weight=[0.0] * d, bias=50.0 if fires else -50.0, mean=[0.0] * d, std=[1.0] * d)
 
 
 def test_ablation_removes_the_direction_everywhere(tiny_model, tok):
@@ -86,23 +82,43 @@ def test_scale_one_edit_is_identity(tiny_model, tok):
     assert torch.allclose(plain, same, atol=1e-5)
 
 
-@pytest.mark.parametrize("fires", [True, False])
-def test_conditional_steering_follows_the_probe(tiny_model, tok, fires):
-    r, d = direction(tiny_model), tiny_model.config.hidden_size
+class FixedGate:
+    """A stand-in condition: flags the prompts it is told to, and records what it read."""
+
+    def __init__(self, harmful: set[str]):
+        self.harmful, self.read = harmful, []
+
+    def flags(self, model, tok, prompts):
+        self.read.append(list(prompts))
+        return np.array([p in self.harmful for p in prompts])
+
+
+def test_conditional_steering_adds_where_flagged_and_ablates_elsewhere(tiny_model, tok):
+    r = direction(tiny_model)
+    prompts = [COMPLY[0], REFUSE[0], COMPLY[1]]
     with add_direction(tiny_model, r, 1, 4.0):
-        always = refusal_score(tiny_model, tok, COMPLY)
-    plain = refusal_score(tiny_model, tok, COMPLY)
-    with conditional_steering(tiny_model, r, 1, 4.0, probe_that(fires, d)) as seen:
-        gated = refusal_score(tiny_model, tok, COMPLY)
-    assert len(seen) == len(COMPLY), "the probe reads each prompt once, on the prompt's forward pass"
-    assert gated == pytest.approx(always if fires else plain, abs=1e-5)
-    assert always != pytest.approx(plain, abs=1e-5)
+        added = refusal_score(tiny_model, tok, prompts)
+    with ablate_direction(tiny_model, r):
+        ablated = refusal_score(tiny_model, tok, prompts)
+    gate = FixedGate({COMPLY[1]})
+    steered, flags = conditionally_steered(tiny_model, tok, prompts, gate, r, 1, 4.0, refusal_score)
+    assert flags.tolist() == [False, False, True]
+    assert gate.read == [prompts], "the condition is read once, for every prompt, before any steering"
+    assert steered == pytest.approx([ablated[0], ablated[1], added[2]], abs=1e-5), "each prompt in its own place"
+    assert added[2] != pytest.approx(ablated[2], abs=1e-3), "the two edits must differ for this to test anything"
+    assert not has_hooks(tiny_model), "no edit is left on the model"
 
 
-def test_probe_after_steering_layer_is_refused(tiny_model):
-    probe = Probe(layer=1, weight=[0.0] * 32, bias=0.0, mean=[0.0] * 32, std=[1.0] * 32)
-    with pytest.raises(ValueError), conditional_steering(tiny_model, torch.ones(32), 0, 1.0, probe):
-        pass
+def test_conditional_steering_reads_the_condition_unsteered(tiny_model, tok):
+    seen = []
+
+    class Reading(FixedGate):
+        def flags(self, model, tok_, prompts):
+            seen.append(has_hooks(model))
+            return super().flags(model, tok_, prompts)
+
+    conditionally_steered(tiny_model, tok, COMPLY, Reading(set()), direction(tiny_model), 1, 4.0, refusal_score)
+    assert seen == [False]
 
 
 def test_scaling_features(tiny_model, tok):
