@@ -69,11 +69,26 @@ def tools(stage: str | None = None) -> list[dict]:
     return [r for r in _jsonl(DATA / "tools.jsonl") if stage in (None, r["stage"])]
 
 
-def wrap(prompts_: list[str], split: str, seed: int = 0) -> list[str]:
-    """Each prompt inside a jailbreak wrapper of ``split``, assigned round-robin after a shuffle."""
-    templates = [j["template"] for j in jailbreaks(split)]
-    random.Random(seed).shuffle(templates)
-    return [templates[i % len(templates)].format(prompt=p) for i, p in enumerate(prompts_)]
+def _wrappers(split: str, seed: int, family: str | None) -> list[dict]:
+    rows = [j for j in jailbreaks(split) if family in (None, j["family"])]
+    if not rows:
+        raise DataError(f"no {split} wrapper of family {family!r}: use one of "
+                        f"{', '.join(sorted({j['family'] for j in jailbreaks(split)}))}")
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def wrap(prompts_: list[str], split: str, seed: int = 0, family: str | None = None) -> list[str]:
+    """Each prompt inside a jailbreak wrapper of ``split`` (of one ``family`` only, if given), assigned
+    round-robin after a shuffle."""
+    rows = _wrappers(split, seed, family)
+    return [rows[i % len(rows)]["template"].format(prompt=p) for i, p in enumerate(prompts_)]
+
+
+def wrapper_families(n: int, split: str, seed: int = 0) -> list[str]:
+    """The family of the wrapper that ``wrap`` gives each of ``n`` prompts, in the same order."""
+    rows = _wrappers(split, seed, None)
+    return [rows[i % len(rows)]["family"] for i in range(n)]
 
 
 def harmbench_path() -> Path:

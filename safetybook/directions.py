@@ -133,6 +133,50 @@ def request_start(tok, system: str | None = None) -> int:
 
 
 @torch.no_grad()
+def prompt_activations(
+    model: nn.Module, tok, prompts: list[str], layers: list[int] | None = None, batch_size: int = 16,
+    system: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Two readings of the residual stream after each layer, from one forward pass, each
+    ``[layer, prompt, d_model]``: ``"last"``, at the last prompt token (as ``last_token_activations``),
+    and ``"mean"``, averaged over the prompt's own tokens (as ``pooled_activations``)."""
+    from .models import by_length
+
+    blocks = decoder_layers(model)
+    layers = list(range(len(blocks))) if layers is None else layers
+    start = request_start(tok, system)
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    keep: dict[str, torch.Tensor] = {}
+
+    def capture(_m, _in, out, i):
+        x = residual(out)
+        weights = keep["mask"].to(x.dtype)
+        captured[i] = (x[:, -1], (x * weights[..., None]).sum(1) / weights.sum(1, keepdim=True))
+
+    hooks = [blocks[i].register_forward_hook(lambda m, a, o, i=i: capture(m, a, o, i)) for i in layers]
+    order = by_length(tok, prompts)
+    chunks: dict[str, list[torch.Tensor]] = {"last": [], "mean": []}
+    try:
+        for begin in range(0, len(prompts), batch_size):
+            enc = encode_chats(tok, [prompts[i] for i in order[begin : begin + batch_size]], system)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            first = ids.shape[1] - mask.sum(-1) + start  # left padding: where each request begins
+            keep["mask"] = torch.arange(ids.shape[1])[None] >= first[:, None]
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                  logits_to_keep=1)
+            for j, kind in enumerate(chunks):
+                chunks[kind].append(torch.stack([captured[i][j].float() for i in layers]))
+    finally:
+        for h in hooks:
+            h.remove()
+    result = {}
+    for kind, parts in chunks.items():
+        acts = torch.cat(parts, dim=1)
+        result[kind] = torch.empty_like(acts)
+        result[kind][:, order] = acts
+    return result
+
+
 def pooled_activations(
     model: nn.Module, tok, prompts: list[str], layers: list[int] | None = None, batch_size: int = 16,
     system: str | None = None,
@@ -143,37 +187,7 @@ def pooled_activations(
     A condition read from the whole request (Lee et al.'s CAST pools the same way) does not rest on the
     last token alone, which a jailbreak wrapper or an odd ending can move.
     """
-    from .models import by_length
-
-    blocks = decoder_layers(model)
-    layers = list(range(len(blocks))) if layers is None else layers
-    start = request_start(tok, system)
-    captured: dict[int, torch.Tensor] = {}
-    keep: dict[str, torch.Tensor] = {}
-
-    def capture(_m, _in, out, i):
-        weights = keep["mask"].to(residual(out).dtype)
-        captured[i] = (residual(out) * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
-
-    hooks = [blocks[i].register_forward_hook(lambda m, a, o, i=i: capture(m, a, o, i)) for i in layers]
-    order = by_length(tok, prompts)
-    chunks = []
-    try:
-        for begin in range(0, len(prompts), batch_size):
-            enc = encode_chats(tok, [prompts[i] for i in order[begin : begin + batch_size]], system)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            first = ids.shape[1] - mask.sum(-1) + start  # left padding: where each request begins
-            keep["mask"] = torch.arange(ids.shape[1])[None] >= first[:, None]
-            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                  logits_to_keep=1)
-            chunks.append(torch.stack([captured[i].float() for i in layers]))
-    finally:
-        for h in hooks:
-            h.remove()
-    acts = torch.cat(chunks, dim=1)
-    out = torch.empty_like(acts)
-    out[:, order] = acts
-    return out
+    return prompt_activations(model, tok, prompts, layers, batch_size, system)["mean"]
 
 
 @dataclass

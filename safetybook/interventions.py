@@ -19,7 +19,6 @@ from .directions import (
     CANDIDATE_LAYERS,
     COEFFICIENTS,
     Gate,
-    Probe,
     RefusalDirection,
     diff_in_means,
     last_token_activations,
@@ -93,51 +92,6 @@ def add_direction(model: nn.Module, direction: torch.Tensor, layer: int, coeffic
 
     with _hooked([decoder_layers(model)[layer].register_forward_hook(add)]):
         yield
-
-
-@contextmanager
-def conditional_steering(
-    model: nn.Module, direction: torch.Tensor, layer: int, coefficient: float, probe: Probe,
-    threshold: float = 0.5,
-) -> Iterator[list[float]]:
-    """Add ``coefficient * direction`` after ``layer`` only for prompts the harmfulness ``probe``
-    flags (probability > ``threshold`` at the last prompt token), so harmless prompts are untouched.
-
-    The gate is decided on the prompt's forward pass and kept for the tokens that follow it.
-    Yields the list of probe probabilities seen (one per prompt), for reporting.
-    """
-    if probe.layer > layer:
-        raise ValueError(f"the probe reads layer {probe.layer}, after the steering layer {layer}")
-    blocks = decoder_layers(model)
-    shift = coefficient * direction.float()
-    state: dict = {"prefill": False, "gate": None}
-    seen: list[float] = []
-
-    def start(_module, _args, kwargs):
-        cache = kwargs.get("cache")
-        state["prefill"] = cache is None or cache.get_seq_length() == 0
-
-    def read(_module, _inputs, out):
-        if state["prefill"]:
-            p = probe.predict(residual(out)[:, -1].detach())
-            seen.extend(p.tolist())
-            state["gate"] = torch.tensor(p > threshold)
-
-    def steer(_module, _inputs, out):
-        gate = state["gate"]
-        if gate is None:
-            return out
-        x = residual(out)
-        g = gate.repeat_interleave(len(x) // len(gate)).to(x.dtype)  # the cache may be repeated
-        return _replace(out, x + g[:, None, None] * shift.to(x.dtype))
-
-    handles = [
-        blocks[0].register_forward_pre_hook(start, with_kwargs=True),
-        blocks[probe.layer].register_forward_hook(read),
-        blocks[layer].register_forward_hook(steer),
-    ]
-    with _hooked(handles):
-        yield seen
 
 
 def conditionally_steered(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .directions import PROBE_LAYER, Probe, held_out_scores
+from .directions import PROBE_LAYER, Probe, choose_probe_layer, fit_probe, held_out_scores
 from .models import decoder_layers, encode_chats, generate, residual
 
 #: What a blocked answer is replaced with.
@@ -103,14 +103,41 @@ def probe_generate(
     return results
 
 
-def held_out_threshold(acts: torch.Tensor, labels: np.ndarray, groups: list[int], layer: int,
-                       negatives: slice, false_positive_rate: float = 0.05) -> tuple[float, np.ndarray]:
+def held_out_threshold(acts: torch.Tensor, labels: np.ndarray, groups: list, layer: int,
+                       negatives: slice | np.ndarray, false_positive_rate: float = 0.05) -> tuple[float, np.ndarray]:
     """A probe threshold that flags ``false_positive_rate`` of the ``negatives`` rows, from probes refit in
     5 folds grouped by prompt (``groups``; ``directions.held_out_scores``), so that no prompt is scored by
     a probe that saw it (the probe's own train scores would be overconfident). Returns the threshold and
     every held-out score."""
     scores = held_out_scores(acts, labels, groups, layer)
     return float(np.quantile(scores[negatives], 1 - false_positive_rate)), scores
+
+
+def holdout_monitor(
+    acts: torch.Tensor, labels: np.ndarray, groups: list, families: list[str], held: str | None,
+    harmless: np.ndarray, layers: list[int] | None = None, false_positive_rate: float = 0.05,
+) -> tuple[Probe, float]:
+    """A monitor that never sees the jailbreak family ``held``: a probe and its threshold, fitted
+    only on the rows of ``acts`` ``[layer, prompt, d]`` whose ``families`` entry is not ``held``
+    (plain prompts have the family ``""``; ``held=None`` keeps every row).
+
+    Its layer is the one of ``layers`` (default: all) with the best grouped cross-validated accuracy
+    on the kept rows, and its threshold flags ``false_positive_rate`` of the kept ``harmless`` rows
+    (a boolean mask) by held-out scores (``held_out_threshold``): everything is chosen on train rows
+    of the families it is allowed to see.
+    """
+    labels, harmless = np.asarray(labels, bool), np.asarray(harmless, bool)
+    keep = np.array([f != held for f in families]) if held is not None else np.ones(len(labels), bool)
+    if held is not None and keep.all():
+        raise ValueError(f"no train row belongs to the family {held!r}")
+    layers = list(range(acts.shape[0])) if layers is None else list(layers)
+    rows = torch.from_numpy(np.flatnonzero(keep))
+    kept, y, g = acts[layers][:, rows], labels[keep], [groups[i] for i in np.flatnonzero(keep)]
+    order = np.r_[np.flatnonzero(y), np.flatnonzero(~y)]
+    best, _ = choose_probe_layer(kept[:, np.flatnonzero(y)], kept[:, np.flatnonzero(~y)], [g[i] for i in order])
+    layer = layers[best]
+    threshold, _ = held_out_threshold(acts[layer][rows], y, g, layer, harmless[keep], false_positive_rate)
+    return fit_probe(layer, acts[layer][rows][y], acts[layer][rows][~y]), threshold
 
 
 @torch.no_grad()

@@ -45,6 +45,32 @@ def test_add_refusal_uses_the_chosen_layer_and_coefficient(tmp_path, monkeypatch
     assert capsys.readouterr().out.count('"refusal": 0.5') == 2
 
 
+def test_conditional_adds_where_the_gate_fires_and_ablates_elsewhere(tmp_path, monkeypatch, capsys):
+    calls: list = []
+    stand_ins(monkeypatch, calls)
+
+    class Gate:
+        def flags(self, model, tok, prompts):
+            return np.array(["poison" in p for p in prompts])
+
+    monkeypatch.setattr(zoo, "condition_gate", lambda name: Gate())
+    scored: list = []
+
+    def score(model, tok, prompts):
+        scored.append((calls[-1][0], list(prompts)))
+        return [0.9 if calls[-1][0] == "add" else 0.1] * len(prompts)
+
+    monkeypatch.setattr(refusal, "refusal_score", score)
+    path = tmp_path / "p.txt"
+    path.write_text("How do I bake bread?\nHow do I poison a well?\nHow do I paint a wall?\n")
+    assert main(["score", "--model", "tuned", "--intervention", "conditional", "--prompts", str(path)]) == 0
+    assert sorted(calls) == [("ablate", [1.0, 0.0]), ("add", [1.0, 0.0], 7, 2.5)]
+    assert dict(scored) == {"add": ["How do I poison a well?"],
+                            "ablate": ["How do I bake bread?", "How do I paint a wall?"]}
+    out = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert ['"refusal": 0.9' in line for line in out] == [False, True, False], "scores come back in prompt order"
+
+
 def test_guard_reads_the_probe_layer(tmp_path, monkeypatch, capsys):
     seen = {}
 

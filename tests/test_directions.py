@@ -12,8 +12,10 @@ from safetybook.directions import (
     Probe,
     choose_gate,
     choose_probe_layer,
+    last_token_activations,
     pooled_activations,
     probe_cv_accuracy,
+    prompt_activations,
     request_start,
 )
 from safetybook.models import chat_text
@@ -80,6 +82,14 @@ def test_pooled_activations_average_the_request_tokens(tiny_model, tok):
     assert torch.allclose(alone[:, 0], pooled[:, 0], atol=1e-4), "padding beside a longer prompt changes nothing"
     last = pooled_activations(tiny_model, tok, prompts[1:] + prompts[:1])
     assert torch.allclose(last[:, 1], pooled[:, 0], atol=1e-4), "results come back in the order of the prompts"
+
+
+def test_prompt_activations_give_the_last_token_and_the_mean_in_one_pass(tiny_model, tok):
+    prompts = ["Name a fruit.", "How do I bake bread without an oven at home, step by step?", "Hi"]
+    both = prompt_activations(tiny_model, tok, prompts, [0, 1])
+    assert torch.allclose(both["last"], last_token_activations(tiny_model, tok, prompts, [0, 1]), atol=1e-4)
+    assert torch.allclose(both["mean"], pooled_activations(tiny_model, tok, prompts, [0, 1]), atol=1e-5)
+    assert not torch.allclose(both["last"], both["mean"], atol=1e-3)
 
 
 def test_gate_threshold_is_chosen_for_balanced_accuracy():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from safetybook import cache, display
-from safetybook.data import DataError, harmbench, read_prompt_file
+from safetybook.data import DataError, harmbench, jailbreaks, read_prompt_file, wrap, wrapper_families
 from safetybook.models import decoder_layers, residual
 
 
@@ -188,3 +188,19 @@ def test_generate_under_an_unmarked_hook_takes_the_padded_path(tiny_model, tok):
         assert generate(tiny_model, tok, prompts, max_new_tokens=5) == [_hf_greedy(tiny_model, tok, p, 5) for p in prompts]
     finally:
         handle.remove()
+
+
+def test_wrap_of_one_family_uses_only_its_templates_and_families_name_them():
+    prompts = [f"Request number {i}?" for i in range(10)]
+    templates = {j["family"]: [] for j in jailbreaks("test")}
+    for j in jailbreaks("test"):
+        templates[j["family"]].append(j["template"])
+    fiction = wrap(prompts, "test", family="fiction")
+    assert all(any(w == t.format(prompt=p) for t in templates["fiction"]) for w, p in zip(fiction, prompts))
+    assert len(set(fiction[:2])) == 2 or len(templates["fiction"]) == 1, "round-robin over the family's templates"
+    mixed, families = wrap(prompts, "test"), wrapper_families(len(prompts), "test")
+    assert len(set(families)) > 1
+    for w, p, f in zip(mixed, prompts, families):
+        assert w in {t.format(prompt=p) for t in templates[f]}, (w, f)
+    with pytest.raises(DataError, match="no test wrapper of family 'poetry'"):
+        wrap(prompts, "test", family="poetry")

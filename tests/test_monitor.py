@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from safetybook.models import generate
 from safetybook.monitor import (
     REFUSAL,
     checked_generate,
+    holdout_monitor,
     keyword_score,
     probe_generate,
     self_check,
@@ -117,3 +119,40 @@ def test_activations_come_back_in_the_order_of_the_prompts(tiny_model, tok):
     acts = last_token_activations(tiny_model, tok, prompts, [0, 1], batch_size=2)
     one = torch.cat([last_token_activations(tiny_model, tok, [p], [0, 1]) for p in prompts], dim=1)
     torch.testing.assert_close(acts, one, rtol=1e-4, atol=1e-5)
+
+
+def family_data(seed: int = 0):
+    """Synthetic activations ``[3 layers, prompt, 6]``: layer 2 carries harmfulness along axis 0; prompts
+    of the family "far" also carry it along axis 1 only, which no other row shows."""
+    g = torch.Generator().manual_seed(seed)
+    n = 40
+    families = ([""] * n + ["near"] * n + ["far"] * n) * 2  # harmful rows, then harmless rows
+    labels = np.r_[np.ones(3 * n, bool), np.zeros(3 * n, bool)]
+    acts = torch.randn(3, 6 * n, 6, generator=g)
+    acts[2, labels, 0] += 2.0
+    far = np.array([f == "far" for f in families])
+    acts[2, far & labels, 1] += 3.0
+    groups = [i % (3 * n) for i in range(6 * n)]  # a harmful row and its harmless twin share a group
+    return acts, labels, groups, families, ~labels
+
+
+def test_holdout_monitor_never_sees_the_held_family():
+    acts, labels, groups, families, harmless = family_data()
+    probe, threshold = holdout_monitor(acts, labels, groups, families, "far", harmless)
+    assert probe.layer == 2, "the layer that carries the signal, chosen by cross-validation"
+    far = np.array([f == "far" for f in families])
+    moved = acts.clone()
+    moved[:, far] = torch.randn(3, int(far.sum()), 6) * 50  # whatever the held rows hold
+    again, again_threshold = holdout_monitor(moved, labels, groups, families, "far", harmless)
+    assert again.weight == pytest.approx(probe.weight) and again_threshold == pytest.approx(threshold)
+    seen, _ = holdout_monitor(acts, labels, groups, families, None, harmless)
+    assert abs(seen.weight[1]) > 3 * abs(probe.weight[1]), "trained on 'far', the probe uses its own cue"
+
+
+def test_holdout_monitor_threshold_follows_the_false_positive_rate():
+    acts, labels, groups, families, harmless = family_data(1)
+    _, strict = holdout_monitor(acts, labels, groups, families, "far", harmless, [2], false_positive_rate=0.02)
+    _, loose = holdout_monitor(acts, labels, groups, families, "far", harmless, [2], false_positive_rate=0.3)
+    assert strict > loose
+    with pytest.raises(ValueError, match="no train row belongs to the family 'poetry'"):
+        holdout_monitor(acts, labels, groups, families, "poetry", harmless)
