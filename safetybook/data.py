@@ -54,6 +54,16 @@ def jailbreaks(split: str | None = None) -> list[dict]:
     return [r for r in _jsonl(DATA / "jailbreaks.jsonl") if split in (None, r["split"])]
 
 
+def reformulations(label: str, tense: str = "past") -> list[str]:
+    """The ``label`` (harmful or harmless) test prompts rewritten into ``tense`` (``data/reformulations.jsonl``),
+    in the order of ``prompts(label, "test")``. They are test prompts only: nothing is trained on them."""
+    rows = [r for r in _jsonl(DATA / "reformulations.jsonl") if r["label"] == label and r["tense"] == tense]
+    if not rows:
+        raise DataError(f"no {tense}-tense reformulation of {label!r} prompts: use harmful or harmless, and tense 'past'")
+    by_prompt = {r["prompt"]: r["reformulated"] for r in rows}
+    return [by_prompt[p] for p in prompts(label, "test")]
+
+
 #: What "runs here?" can say of a tool: measured offline, on a 2-core CPU, beside the book's pinned packages.
 TOOL_STATUS = ("yes", "partly", "installs only", "no", "not tried")
 TOOL_STAGES = ("training", "input", "inference", "generation")

@@ -204,3 +204,14 @@ def test_wrap_of_one_family_uses_only_its_templates_and_families_name_them():
         assert w in {t.format(prompt=p) for t in templates[f]}, (w, f)
     with pytest.raises(DataError, match="no test wrapper of family 'poetry'"):
         wrap(prompts, "test", family="poetry")
+
+
+def test_reformulations_follow_the_test_prompts_order_and_refuse_unknown_labels():
+    from safetybook.data import prompts, reformulations
+
+    past = reformulations("harmful")
+    assert len(past) == len(prompts("harmful", "test"))
+    assert set(past).isdisjoint(prompts("harmful", "test"))
+    assert all(p.startswith(("How", "What", "Where", "When", "Which", "Why")) for p in past)
+    with pytest.raises(DataError, match="no past-tense reformulation"):
+        reformulations("borderline")
