@@ -157,6 +157,16 @@ def self_check(model: nn.Module, tok, prompts: list[str], responses: list[str], 
     return scores
 
 
+def text_classifier(c: float = 1.0):
+    """The book's text-only baseline: logistic regression on TF-IDF features of word unigrams and bigrams
+    (an unfitted scikit-learn pipeline; 03a tunes ``c``, 04 keeps the default)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(C=c, max_iter=2000))
+
+
 def keyword_score(prompt: str, response: str) -> float:
     """1.0 if a ``KEYWORDS`` entry appears as a whole word in the prompt or the answer, else 0.0."""
     text = f"{prompt} {response}".lower()

@@ -23,7 +23,7 @@ from torch import nn
 
 from .adapters import SETTINGS, Example, LoraSettings, ensure_adapter, merged_model, safety_examples
 from .cache import cache_dir, computing, digest, read_json, read_tensors, write_json, write_tensors
-from .data import load_prompts, prompts, wrap
+from .data import load_prompts, prompts, wrap, wrapper_families
 from .directions import (
     ADD_TARGET,
     CANDIDATE_LAYERS,
@@ -117,6 +117,19 @@ def probe_groups() -> list[str]:
     pair = {r.prompt: r.pair for r in load_prompts(split="train")}
     return ([pair[p] for p in harmful] * 2 + [pair[p] for p in harmless] * 2
             + [f"borderline-{i}" for i in range(len(border))])
+
+
+def probe_rows() -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """The guard probe's train prompts as one list in the order of ``probe_groups`` (harmful, wrapped
+    harmful, harmless, wrapped harmless, borderline), with whether each is harmful, whether it is
+    harmless (plain or wrapped), and its wrapper family (``""`` for a plain prompt)."""
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
+    texts = harmful + harmful_wrapped + harmless + harmless_wrapped + border
+    sizes = [len(harmful), len(harmful_wrapped), len(harmless), len(harmless_wrapped), len(border)]
+    kind = np.repeat(np.arange(5), sizes)
+    families = ([""] * len(harmful) + wrapper_families(len(harmful), "train") + [""] * len(harmless)
+                + wrapper_families(len(harmless), "train") + [""] * len(border))
+    return texts, kind < 2, (kind == 2) | (kind == 3), families
 
 
 def _probe_activations(model_name: str) -> tuple[torch.Tensor, torch.Tensor]:

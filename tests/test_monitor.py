@@ -156,3 +156,28 @@ def test_holdout_monitor_threshold_follows_the_false_positive_rate():
     assert strict > loose
     with pytest.raises(ValueError, match="no train row belongs to the family 'poetry'"):
         holdout_monitor(acts, labels, groups, families, "poetry", harmless)
+
+
+def test_the_probe_rows_line_up_with_their_groups_labels_and_families():
+    from safetybook.zoo import probe_groups, probe_rows, probe_sets
+
+    texts, harmful, harmless, families = probe_rows()
+    plain_harmful, plain_harmless, border, wrapped_harmful, wrapped_harmless = probe_sets()
+    assert len(texts) == len(harmful) == len(harmless) == len(families) == len(probe_groups())
+    assert texts[: len(plain_harmful)] == plain_harmful and texts[-len(border):] == border
+    assert [t for t, h in zip(texts, harmful) if h] == plain_harmful + wrapped_harmful
+    assert [t for t, h in zip(texts, harmless) if h] == plain_harmless + wrapped_harmless
+    assert not (harmful & harmless).any()
+    wrapped = set(wrapped_harmful + wrapped_harmless)
+    assert all((f != "") == (t in wrapped) for t, f in zip(texts, families))
+
+
+def test_the_text_classifier_learns_words_and_takes_its_regularization():
+    from safetybook.monitor import text_classifier
+
+    texts = ["steal a car", "steal a bike", "wash a car", "wash a bike"] * 3
+    labels = [1, 1, 0, 0] * 3
+    model = text_classifier(c=10.0).fit(texts, labels)
+    assert model.named_steps["logisticregression"].C == 10.0
+    p = model.predict_proba(["steal a boat", "wash a boat"])[:, 1]
+    assert p[0] > 0.5 > p[1]
