@@ -54,14 +54,18 @@ def jailbreaks(split: str | None = None) -> list[dict]:
     return [r for r in _jsonl(DATA / "jailbreaks.jsonl") if split in (None, r["split"])]
 
 
-def reformulations(label: str, tense: str = "past") -> list[str]:
-    """The ``label`` (harmful or harmless) test prompts rewritten into ``tense`` (``data/reformulations.jsonl``),
-    in the order of ``prompts(label, "test")``. They are test prompts only: nothing is trained on them."""
-    rows = [r for r in _jsonl(DATA / "reformulations.jsonl") if r["label"] == label and r["tense"] == tense]
+def reformulations(label: str, tense: str = "past", split: str = "test") -> list[str]:
+    """The ``label`` (harmful or harmless) prompts of ``split`` rewritten into ``tense``
+    (``data/reformulations.jsonl``), in the order of ``prompts(label, split)``. The test rows measure
+    generalization: no monitor or model of the book is trained on them. The train rows exist so that a
+    defense's settings can be chosen on train."""
+    rows = [r for r in _jsonl(DATA / "reformulations.jsonl")
+            if r["label"] == label and r["tense"] == tense and r["split"] == split]
     if not rows:
-        raise DataError(f"no {tense}-tense reformulation of {label!r} prompts: use harmful or harmless, and tense 'past'")
+        raise DataError(f"no {tense}-tense reformulation of {label!r} {split} prompts: use harmful or harmless, "
+                        "tense 'past' and split train or test")
     by_prompt = {r["prompt"]: r["reformulated"] for r in rows}
-    return [by_prompt[p] for p in prompts(label, "test")]
+    return [by_prompt[p] for p in prompts(label, split)]
 
 
 #: What "runs here?" can say of a tool: measured offline, on a 2-core CPU, beside the book's pinned packages.

@@ -182,14 +182,14 @@ def test_jailbreak_counts_and_splits(jailbreaks):
 # --- reformulations.jsonl ------------------------------------------------------
 
 
-def test_reformulations_cover_each_harmful_and_harmless_test_prompt_once(prompts):
+def test_reformulations_cover_each_harmful_and_harmless_prompt_of_both_splits_once(prompts):
     rows = read_jsonl(REFORMULATIONS)
     originals = {norm(r["prompt"]): r for _, r in prompts}
     seen = Counter()
     for lineno, r in rows:
         where = f"reformulations.jsonl:{lineno}"
         assert set(r) == {"prompt", "reformulated", "tense", "label", "split", "pair"}, f"{where}: keys {sorted(r)}"
-        assert r["tense"] == "past" and r["split"] == "test", f"{where}: only past-tense test rows are expected"
+        assert r["tense"] == "past" and r["split"] in SPLITS, f"{where}: only past-tense train or test rows are expected"
         source = originals.get(norm(r["prompt"]))
         assert source is not None, f"{where}: {r['prompt']!r} is not a prompt of prompts.jsonl"
         assert (source["label"], source["split"], source["pair"]) == (r["label"], r["split"], r["pair"]), (
@@ -198,8 +198,8 @@ def test_reformulations_cover_each_harmful_and_harmless_test_prompt_once(prompts
         assert norm(r["reformulated"]) != norm(r["prompt"]), f"{where}: the reformulation is the original"
         assert norm(r["reformulated"]) not in originals, f"{where}: the reformulation is itself a prompt of the book"
         seen[norm(r["prompt"])] += 1
-    wanted = {k for k, r in originals.items() if r["split"] == "test" and r["label"] in ("harmful", "harmless")}
-    assert set(seen) == wanted, f"{len(wanted - set(seen))} test prompts have no reformulation"
+    wanted = {k for k, r in originals.items() if r["split"] in SPLITS and r["label"] in ("harmful", "harmless")}
+    assert set(seen) == wanted, f"{len(wanted - set(seen))} harmful or harmless prompts have no reformulation"
     assert max(seen.values()) == 1, "a prompt has two reformulations"
     texts = [norm(r["reformulated"]) for _, r in rows]
     assert len(set(texts)) == len(texts), "two reformulations are the same"

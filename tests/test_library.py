@@ -213,5 +213,9 @@ def test_reformulations_follow_the_test_prompts_order_and_refuse_unknown_labels(
     assert len(past) == len(prompts("harmful", "test"))
     assert set(past).isdisjoint(prompts("harmful", "test"))
     assert all(p.startswith(("How", "What", "Where", "When", "Which", "Why")) for p in past)
+    train = reformulations("harmful", split="train")
+    assert len(train) == len(prompts("harmful", "train"))
+    assert set(train).isdisjoint(prompts("harmful", "train"))
+    assert set(train).isdisjoint(past)
     with pytest.raises(DataError, match="no past-tense reformulation"):
         reformulations("borderline")
