@@ -26,9 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="probability that the model opens with a refusal")
     score.add_argument("--model", default="base", help="base, tuned, repaired, control or a hub id")
     score.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
-    score.add_argument("--intervention", choices=("ablate-refusal", "add-refusal", "conditional"),
-                       help="remove the model's refusal direction at every layer, add it at its layer, or "
-                            "add it where the condition gate reads the prompt as harmful and remove it elsewhere")
+    score.add_argument("--intervention", choices=("ablate-refusal", "add-refusal", "conditional", "highlight"),
+                       help="remove the model's refusal direction at every layer, add it at its layer, "
+                            "add it where the condition gate reads the prompt as harmful and remove it elsewhere, "
+                            "or shrink each prompt's tokens that most push towards compliance (Token Highlighter)")
     guard = sub.add_parser("guard", help="probability that each prompt is harmful, from the harmfulness probe")
     guard.add_argument("--model", default="base", choices=("base", "tuned"), help="whose activations the probe reads")
     guard.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
@@ -62,7 +63,11 @@ def cmd_score(args: argparse.Namespace) -> None:
     from .refusal import refusal_score
 
     edit = nullcontext()
-    if args.intervention:
+    if args.intervention == "highlight":
+        from .tokens import highlighted
+
+        edit = highlighted(model, tok, prompts)
+    elif args.intervention:
         from .interventions import ablate_direction, add_direction, conditionally_steered
         from .zoo import condition_gate, refusal_direction
 

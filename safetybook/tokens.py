@@ -8,6 +8,7 @@ the duration of a block, either by hand or per prompt from the prompt's own toke
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,12 +79,9 @@ def _bias_from_targets(state: Steering):
         ids = kwargs.get("input_ids")
         if state.targets is None or ids is None or kwargs.get("cache") is not None:
             return  # a call that continues from a cache keeps the bias of the prompt it continues
-        mask = kwargs.get("attention_mask")
         bias = torch.zeros(ids.shape)
-        for r, row in enumerate(ids.tolist()):
-            start = (0 if mask is None else int((mask[r] == 0).sum())) + state.user_start
-            stop = row.index(state.end_id, start) if state.end_id in row[start:] else len(row)
-            for i in state.targets.get(tuple(row[start:stop]), []):
+        for r, start, user in _user_rows(state.user_start, state.end_id, ids, kwargs.get("attention_mask")):
+            for i in state.targets.get(user, []):
                 bias[r, start + i] = state.strength
         state.bias = bias
 
@@ -133,3 +131,116 @@ def steering(
 def targets_for(tok, prompts: list[str], positions: list[list[int]]) -> dict[tuple[int, ...], list[int]]:
     """Steering targets: each prompt's user token ids -> the user positions to bias."""
     return {tuple(tok(p, add_special_tokens=False).input_ids): list(pos) for p, pos in zip(prompts, positions)}
+
+
+# --- Token Highlighter (Hu et al., 2025): find the tokens that push towards compliance, shrink them ----
+
+#: The affirmation whose likelihood Token Highlighter's loss measures: how ready the model is to comply.
+AFFIRMATION = "Sure, I'd like to help you with this."
+
+#: The share of a prompt's user tokens that ``highlighted`` shrinks, and the factor it shrinks their
+#: embeddings by. Chosen in the input-stage chapter on the train split's past-tense prompts, among
+#: fractions 0.1 and 0.25 and factors 0.5 and 0.8: the pair whose rise in harmful refusal most exceeds
+#: its rise in harmless refusal (the paper's defaults are in the same range).
+HIGHLIGHT_FRACTION = 0.1
+HIGHLIGHT_SCALE = 0.8
+
+
+def _user_rows(user_start: int, end_id: int, ids: torch.Tensor, mask: torch.Tensor | None):
+    """For each row of a left-padded batch of chat prompts: its index, where its user tokens start,
+    and those tokens (up to the end of the user's turn)."""
+    for r, row in enumerate(ids.tolist()):
+        start = (0 if mask is None else int((mask[r] == 0).sum())) + user_start
+        stop = row.index(end_id, start) if end_id in row[start:] else len(row)
+        yield r, start, tuple(row[start:stop])
+
+
+def affirmation_influence(model: nn.Module, tok, prompts: list[str], target: str = AFFIRMATION,
+                          batch_size: int = 8) -> list[torch.Tensor]:
+    """Token Highlighter's influence of each user token: the norm of the gradient of the affirmation
+    loss (the mean negative log-likelihood of ``target`` as the answer) with respect to that token's
+    input embedding. One forward and one backward pass per batch; one tensor per prompt."""
+    from .models import by_length
+
+    target_ids = tok(target, add_special_tokens=False).input_ids
+    embed = model.get_input_embeddings()
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    order = by_length(tok, prompts)
+    for begin in range(0, len(prompts), batch_size):
+        members = order[begin : begin + batch_size]
+        spans = [user_span(tok, prompts[i]) for i in members]
+        rows = [ids.tolist() + target_ids for ids, _ in spans]
+        width = max(len(r) for r in rows)
+        pad = [width - len(r) for r in rows]
+        ids = torch.tensor([[tok.pad_token_id] * p + r for p, r in zip(pad, rows)])
+        mask = torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)])
+        x = embed(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=len(target_ids) + 1).logits[:, :-1]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                           torch.tensor(target_ids).repeat(len(members)), reduction="sum")
+        (loss / len(target_ids)).backward()
+        norms = x.grad.norm(dim=-1)
+        for j, (i, (_, span)) in enumerate(zip(members, spans)):
+            out[i] = norms[j, pad[j] + span.start : pad[j] + span.stop].detach()
+    return out
+
+
+def top_share(influence: list[torch.Tensor], fraction: float) -> list[list[int]]:
+    """Each prompt's most influential user positions: the top ``fraction`` of its tokens (at least one)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return [sorted(s.topk(max(1, math.ceil(fraction * len(s)))).indices.tolist()) for s in influence]
+
+
+def random_share(influence: list[torch.Tensor], fraction: float, seed: int = 0) -> list[list[int]]:
+    """The control for ``top_share``: as many user positions per prompt, drawn at random."""
+    gen = torch.Generator().manual_seed(seed)
+    return [sorted(torch.randperm(len(s), generator=gen)[: len(p)].tolist())
+            for s, p in zip(influence, top_share(influence, fraction))]
+
+
+@contextmanager
+def soft_removal(model: nn.Module, tok, prompts: list[str], positions: list[list[int]], scale: float) -> Iterator[None]:
+    """Inside the block, the input embeddings of each prompt's user ``positions`` are multiplied by
+    ``scale`` in every forward pass that starts on that prompt (scoring, generation, ``harmless_cost``),
+    wherever it sits in a padded batch. Other prompts, and tokens generated after the prompt, are untouched."""
+    targets = targets_for(tok, prompts, positions)
+    user_start = user_span(tok, "x")[1].start
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    rows: list[tuple[int, int]] = []  # (row, absolute position) to shrink in the current forward pass
+
+    def find(_module, _args, kwargs):
+        rows.clear()
+        ids = kwargs.get("input_ids")
+        if ids is None or kwargs.get("cache") is not None:
+            return  # embeddings given directly, or a continuation after the prompt
+        for r, start, user in _user_rows(user_start, end_id, ids, kwargs.get("attention_mask")):
+            rows.extend((r, start + i) for i in targets.get(user, []))
+
+    def shrink(_module, _inputs, out):
+        if not rows:
+            return None
+        out = out.clone()
+        r, p = zip(*rows)
+        out[list(r), list(p)] *= scale
+        return out
+
+    handles = [model.register_forward_pre_hook(find, with_kwargs=True),
+               model.get_input_embeddings().register_forward_hook(shrink)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def highlighted(model: nn.Module, tok, prompts: list[str], fraction: float = HIGHLIGHT_FRACTION,
+                scale: float = HIGHLIGHT_SCALE) -> Iterator[list[list[int]]]:
+    """Token Highlighter (Hu et al., 2025) on ``prompts``: the top ``fraction`` of each prompt's user
+    tokens by affirmation influence are soft-removed (embeddings times ``scale``) inside the block.
+    Yields the positions it shrinks."""
+    positions = top_share(affirmation_influence(model, tok, prompts), fraction)
+    with soft_removal(model, tok, prompts, positions, scale):
+        yield positions

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -76,3 +77,82 @@ def test_steering_is_switched_off_after_the_block(model, tok):
         pass
     assert refusal_score(model, tok, PROMPTS) == pytest.approx(before, abs=1e-6)
     assert steerable(model, tok) is model.steering, "steerable twice returns the same state"
+
+
+# --- Token Highlighter -----------------------------------------------------------------------------
+
+
+def _moved(a: list[float], b: list[float]) -> bool:
+    """Whether two lists of scores differ somewhere (in log space: the tiny model is nearly sure)."""
+    return max(abs(math.log(x) - math.log(y)) for x, y in zip(a, b)) > 1e-3
+
+
+def _single_influence(model, tok, prompt: str, target: str) -> torch.Tensor:
+    """The affirmation loss's gradient norms for one prompt alone, written out plainly."""
+    ids, span = user_span(tok, prompt)
+    target_ids = tok(target, add_special_tokens=False).input_ids
+    x = model.get_input_embeddings()(torch.tensor(ids.tolist() + target_ids))[None].detach().requires_grad_(True)
+    logits = model(inputs_embeds=x).logits[0, len(ids) - 1 : -1]
+    torch.nn.functional.cross_entropy(logits, torch.tensor(target_ids)).backward()
+    return x.grad[0, span].norm(dim=-1)
+
+
+def test_affirmation_influence_in_a_padded_batch_equals_each_prompt_alone(tiny_model, tok):
+    from safetybook.tokens import AFFIRMATION, affirmation_influence
+
+    model = copy.deepcopy(tiny_model)
+    batched = affirmation_influence(model, tok, PROMPTS, batch_size=4)  # mixed lengths: padding in a batch
+    for p, got in zip(PROMPTS, batched):
+        want = _single_influence(model, tok, p, AFFIRMATION)
+        assert got.shape == want.shape == (len(tok(p, add_special_tokens=False).input_ids),)
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-7), "padding must not change a prompt's influence"
+    other = affirmation_influence(model, tok, PROMPTS[:1], target="No.")[0]
+    assert not torch.allclose(other, batched[0]), "the influence depends on the affirmation"
+
+
+def test_top_share_takes_the_largest_and_random_share_as_many():
+    from safetybook.tokens import random_share, top_share
+
+    influence = [torch.tensor([0.1, 0.9, 0.3, 0.8]), torch.tensor([0.5, 0.2])]
+    assert top_share(influence, 0.5) == [[1, 3], [0]]
+    assert top_share(influence, 0.01) == [[1], [0]], "at least one token"
+    drawn = random_share(influence, 0.5, seed=3)
+    assert [len(d) for d in drawn] == [2, 1] and all(set(d) <= set(range(len(s))) for d, s in zip(drawn, influence))
+    assert {tuple(random_share(influence, 0.5, seed=s)[0]) for s in range(20)} != {(1, 3)}, "a control draws"
+    with pytest.raises(ValueError, match="fraction"):
+        top_share(influence, 0.0)
+
+
+def test_soft_removal_in_a_padded_batch_equals_scaled_embeddings(tiny_model, tok):
+    from safetybook.tokens import soft_removal
+
+    model = copy.deepcopy(tiny_model)
+    positions = [[0], [1, 2], [0, 1], [2], [0], [1]]
+    with soft_removal(model, tok, PROMPTS, positions, scale=0.3):
+        batched = refusal_score(model, tok, PROMPTS)
+    embed = model.get_input_embeddings()
+    for p, pos, b in zip(PROMPTS, positions, batched):
+        ids, span = user_span(tok, p)
+        with torch.no_grad():
+            x = embed(ids).clone()
+            x[[span.start + i for i in pos]] *= 0.3
+            single = log_refusal(model, tok, x[None]).exp().item()
+        assert single == pytest.approx(b, rel=1e-3, abs=1e-6), "shrink the user positions, offset by the padding"
+    assert _moved(batched, refusal_score(model, tok, PROMPTS)), "the edit must change scores"
+    with soft_removal(model, tok, PROMPTS[:1], positions[:1], scale=0.3):
+        untouched = refusal_score(model, tok, PROMPTS[1:])
+    assert untouched == pytest.approx(refusal_score(model, tok, PROMPTS[1:]), abs=1e-6), "other prompts are untouched"
+    assert not model._forward_pre_hooks and not embed._forward_hooks, "the hooks go when the block ends"
+
+
+def test_highlighted_shrinks_the_most_influential_tokens(tiny_model, tok):
+    from safetybook.tokens import affirmation_influence, highlighted
+
+    model = copy.deepcopy(tiny_model)
+    influence = affirmation_influence(model, tok, PROMPTS)
+    with highlighted(model, tok, PROMPTS, fraction=0.25, scale=0.0) as positions:
+        edited = refusal_score(model, tok, PROMPTS)
+    for s, pos in zip(influence, positions):
+        assert len(pos) == max(1, -(-len(s) // 4)), "a quarter of the user tokens, rounded up"
+        assert set(pos) == set(s.topk(len(pos)).indices.tolist()), "the most influential ones"
+    assert _moved(edited, refusal_score(model, tok, PROMPTS))
