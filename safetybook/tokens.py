@@ -103,7 +103,6 @@ def steerable(model: nn.Module, tok) -> Steering:
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "q_proj"):
             module.steering = state
-    model.register_forward_pre_hook(_bias_from_targets(state), with_kwargs=True)
     model.steering = state
     return state
 
@@ -121,9 +120,13 @@ def steering(
     ``targets`` (for calls on token ids, such as ``refusal_score``), in the heads ``gate`` selects."""
     state: Steering = model.steering
     state.gate, state.bias, state.targets, state.strength = gate, bias, targets, strength
+    # hooked only while steering: an unsteered model has no hook, so its scores may share the chat
+    # opening and come from the disk cache; a steered one is never cached (``models.has_hooks``)
+    handle = model.register_forward_pre_hook(_bias_from_targets(state), with_kwargs=True)
     try:
         yield state
     finally:
+        handle.remove()
         state.gate = state.bias = state.targets = None
         state.strength = 0.0
 
@@ -142,7 +145,7 @@ AFFIRMATION = "Sure, I'd like to help you with this."
 #: embeddings by. Chosen in the input-stage chapter on the train split's past-tense prompts, among
 #: fractions 0.1 and 0.25 and factors 0.5 and 0.8: the pair whose rise in harmful refusal most exceeds
 #: its rise in harmless refusal (the paper's defaults are in the same range).
-HIGHLIGHT_FRACTION = 0.1
+HIGHLIGHT_FRACTION = 0.25
 HIGHLIGHT_SCALE = 0.8
 
 
@@ -159,30 +162,39 @@ def affirmation_influence(model: nn.Module, tok, prompts: list[str], target: str
                           batch_size: int = 8) -> list[torch.Tensor]:
     """Token Highlighter's influence of each user token: the norm of the gradient of the affirmation
     loss (the mean negative log-likelihood of ``target`` as the answer) with respect to that token's
-    input embedding. One forward and one backward pass per batch; one tensor per prompt."""
+    input embedding. One tensor per prompt.
+
+    The chat opening before the user's tokens is the same for every prompt and does not depend on
+    them, so it runs once per batch without gradients; the batch runs forward and backward on the
+    rest only (``[opening][padding][rest]``, as in ``models.prompt_forward``)."""
     from .models import by_length
 
     target_ids = tok(target, add_special_tokens=False).input_ids
     embed = model.get_input_embeddings()
+    start = user_span(tok, "x")[1].start
     out: list[torch.Tensor | None] = [None] * len(prompts)
     order = by_length(tok, prompts)
     for begin in range(0, len(prompts), batch_size):
         members = order[begin : begin + batch_size]
         spans = [user_span(tok, prompts[i]) for i in members]
-        rows = [ids.tolist() + target_ids for ids, _ in spans]
+        opening = spans[0][0][:start]
+        rows = [ids[start:].tolist() + target_ids for ids, _ in spans]
         width = max(len(r) for r in rows)
         pad = [width - len(r) for r in rows]
+        with torch.no_grad():
+            cache = model(input_ids=opening[None], use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(len(members))
         ids = torch.tensor([[tok.pad_token_id] * p + r for p, r in zip(pad, rows)])
-        mask = torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)])
+        mask = torch.tensor([[1] * start + [0] * p + [1] * len(r) for p, r in zip(pad, rows)])
         x = embed(ids).detach().requires_grad_(True)
-        logits = model(inputs_embeds=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=len(target_ids) + 1).logits[:, :-1]
+        logits = model(inputs_embeds=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, start:],
+                       cache=cache, use_cache=True, logits_to_keep=len(target_ids) + 1).logits[:, :-1]
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(),
                                            torch.tensor(target_ids).repeat(len(members)), reduction="sum")
         (loss / len(target_ids)).backward()
         norms = x.grad.norm(dim=-1)
         for j, (i, (_, span)) in enumerate(zip(members, spans)):
-            out[i] = norms[j, pad[j] + span.start : pad[j] + span.stop].detach()
+            out[i] = norms[j, pad[j] : pad[j] + span.stop - span.start].detach()
     return out
 
 

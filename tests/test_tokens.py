@@ -73,8 +73,14 @@ def test_targets_put_the_bias_on_the_right_tokens_under_padding(model, tok):
 
 def test_steering_is_switched_off_after_the_block(model, tok):
     before = refusal_score(model, tok, PROMPTS)
+    from safetybook.models import has_hooks
+
+    assert not has_hooks(model), "an unsteered model carries no hook (its scores may be shared and cached)"
     with steering(model, torch.ones(2, 2), targets=targets_for(tok, PROMPTS, [[0]] * len(PROMPTS)), strength=-9.0):
-        pass
+        assert has_hooks(model), "a steered model must never be scored from the cache"
+    with steering(model, torch.ones(2, 2), bias=torch.zeros(1, 4)):
+        assert has_hooks(model), "nor one steered by a hand-set bias"
+    assert not has_hooks(model)
     assert refusal_score(model, tok, PROMPTS) == pytest.approx(before, abs=1e-6)
     assert steerable(model, tok) is model.steering, "steerable twice returns the same state"
 
