@@ -342,6 +342,25 @@ def pointwise_only(model: nn.Module) -> bool:
     return all(getattr(h, "pointwise", False) for h in _hooks(model))
 
 
+def keeps_opening(hook, length: int):
+    """Mark a forward hook that leaves the first ``length`` tokens of every chat prompt alone and, in a
+    call that continues from a cache of them, still finds its own positions (an edit of the user's
+    tokens): ``prompt_forward`` may then run up to ``length`` shared opening tokens once under it."""
+    hook.keeps_opening = length
+    return hook
+
+
+def _opening_limit(model: nn.Module) -> int | None:
+    """How many shared leading tokens ``prompt_forward`` may run once under ``model``'s hooks: None
+    when there is no limit (no hooks, or only pointwise ones), 0 when it must not share any."""
+    limit = None
+    for h in _hooks(model):
+        if not getattr(h, "pointwise", False):
+            n = getattr(h, "keeps_opening", 0)
+            limit = n if limit is None else min(limit, n)
+    return limit
+
+
 def by_length(tok, texts: list[str]) -> list[int]:
     """The indices of ``texts`` from fewest tokens to most: batches taken in this order carry little
     padding (the callers give results back in the order of ``texts``)."""
@@ -357,15 +376,17 @@ def prompt_forward(model: nn.Module, enc: dict[str, torch.Tensor], keep: int = 1
     Every chat prompt opens with the same tokens (the system prompt and the user header). When the
     model has no hooks, or only pointwise ones (``pointwise``: an edit that treats every position
     alike, such as directional ablation), that opening runs once and every prompt attends to its keys
-    and values: ``[opening][padding][rest]`` computes what ``[padding][opening][rest]`` does. Any other
-    hooked model (an intervention that may depend on positions) gets the plain forward pass.
+    and values: ``[opening][padding][rest]`` computes what ``[padding][opening][rest]`` does. A hook
+    marked ``keeps_opening`` (an edit of the user's tokens) allows sharing up to the tokens it keeps.
+    Any other hooked model (an intervention that may depend on positions) gets the plain forward pass.
     """
     ids, mask = enc["input_ids"], enc["attention_mask"]
     lengths = mask.sum(-1)
     rows = [ids[i, ids.shape[1] - int(n) :].tolist() for i, n in enumerate(lengths)]
-    shared = _shared_length(rows)
+    limit = _opening_limit(model)
+    shared = _shared_length(rows) if limit is None else min(_shared_length(rows), limit)
     width = max(len(r) for r in rows) - shared
-    if not pointwise_only(model) or shared < 8 or len(rows) < 2 or width < keep:
+    if shared < 8 or len(rows) < 2 or width < keep:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep)
         return out, mask

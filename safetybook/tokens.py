@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import chat_text
+from .models import chat_text, keeps_opening
 from .refusal import opening_logprobs, opening_tree
 
 STEERED = "steered"
@@ -32,15 +32,34 @@ def user_span(tok, prompt: str) -> tuple[torch.Tensor, slice]:
     return torch.tensor(ids), slice(start, start + len(user))
 
 
-def log_refusal(model: nn.Module, tok, embeds: torch.Tensor) -> torch.Tensor:
+def log_refusal(model: nn.Module, tok, embeds: torch.Tensor, opening: int = 0) -> torch.Tensor:
     """log P(the answer opens with a refusal) for ``embeds`` ``[batch, tokens, d_model]``: a batch of
     equal-length chat prompts given as input embeddings (no padding). Differentiable.
 
     The same quantity as ``refusal_score``: the prompt is run once and one more step reads every
     opening from its key-value cache (``refusal.OpeningTree``); gradients flow through the cache.
+
+    ``opening`` > 0 promises that every row shares its first ``opening`` embeddings and that no
+    steering touches them (AtMan's rows differ only in which user token they suppress): they run once,
+    unsteered and without gradients, and the rows continue from their cache.
     """
     batch, width = embeds.shape[:2]
-    out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+    cache, positions = None, None
+    if opening:
+        state: Steering | None = getattr(model, "steering", None)
+        gate = state.gate if state is not None else None
+        if state is not None:
+            state.gate = None  # the opening is never steered: run it once for the whole batch
+        try:
+            with torch.no_grad():
+                cache = model(inputs_embeds=embeds[:1, :opening], use_cache=True, logits_to_keep=1).cache
+        finally:
+            if state is not None:
+                state.gate = gate
+        cache.batch_repeat_interleave(batch)
+        positions = torch.arange(opening, width).expand(batch, -1)
+    out = model(inputs_embeds=embeds[:, opening:], cache=cache, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
     past = torch.ones(batch, width, dtype=torch.long)
     return torch.logsumexp(opening_logprobs(model, opening_tree(tok), out.logits[:, -1], out.cache, past), dim=-1)
 
@@ -150,10 +169,15 @@ HIGHLIGHT_SCALE = 0.8
 
 
 def _user_rows(user_start: int, end_id: int, ids: torch.Tensor, mask: torch.Tensor | None):
-    """For each row of a left-padded batch of chat prompts: its index, where its user tokens start,
-    and those tokens (up to the end of the user's turn)."""
+    """For each row of a left-padded batch of chat prompts: its index, where its user tokens start in
+    ``ids``, and those tokens (up to the end of the user's turn). ``mask`` may be longer than ``ids``
+    when the call continues from a cache (``models.prompt_forward``'s ``[opening][padding][rest]``):
+    the cached positions are counted off, and a row whose user tokens are all cached is skipped."""
+    offset = 0 if mask is None else mask.shape[-1] - ids.shape[1]
     for r, row in enumerate(ids.tolist()):
-        start = (0 if mask is None else int((mask[r] == 0).sum())) + user_start
+        start = (0 if mask is None else int((mask[r] == 0).sum())) + user_start - offset
+        if start < 0:
+            continue
         stop = row.index(end_id, start) if end_id in row[start:] else len(row)
         yield r, start, tuple(row[start:stop])
 
@@ -224,10 +248,12 @@ def soft_removal(model: nn.Module, tok, prompts: list[str], positions: list[list
 
     def find(_module, _args, kwargs):
         rows.clear()
-        ids = kwargs.get("input_ids")
-        if ids is None or kwargs.get("cache") is not None:
-            return  # embeddings given directly, or a continuation after the prompt
-        for r, start, user in _user_rows(user_start, end_id, ids, kwargs.get("attention_mask")):
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if ids is None or (mask is not None and mask.dim() != 2):
+            return  # embeddings given directly, or the refusal openings' step after the prompt
+        # a generation step after the prompt finds no user tokens; the rest of a prompt after its cached
+        # chat opening (``models.prompt_forward``) finds them where they are
+        for r, start, user in _user_rows(user_start, end_id, ids, mask):
             rows.extend((r, start + i) for i in targets.get(user, []))
 
     def shrink(_module, _inputs, out):
@@ -238,8 +264,9 @@ def soft_removal(model: nn.Module, tok, prompts: list[str], positions: list[list
         out[list(r), list(p)] *= scale
         return out
 
-    handles = [model.register_forward_pre_hook(find, with_kwargs=True),
-               model.get_input_embeddings().register_forward_hook(shrink)]
+    # the chat opening before the user's tokens is never edited: it may run once for a whole batch
+    handles = [model.register_forward_pre_hook(keeps_opening(find, user_start), with_kwargs=True),
+               model.get_input_embeddings().register_forward_hook(keeps_opening(shrink, user_start))]
     try:
         yield
     finally:

@@ -162,3 +162,48 @@ def test_highlighted_shrinks_the_most_influential_tokens(tiny_model, tok):
         assert len(pos) == max(1, -(-len(s) // 4)), "a quarter of the user tokens, rounded up"
         assert set(pos) == set(s.topk(len(pos)).indices.tolist()), "the most influential ones"
     assert _moved(edited, refusal_score(model, tok, PROMPTS))
+
+
+def test_soft_removal_shares_the_chat_opening_and_scores_as_the_plain_pass(tiny_model, tok):
+    """Soft removal never edits the chat opening, so refusal_score and generate may run it once per
+    batch; the scores and answers equal those of the plain forward pass, which unmarked copies of the
+    same hooks force."""
+    from safetybook.models import _opening_limit, generate
+    from safetybook.tokens import soft_removal
+
+    model = copy.deepcopy(tiny_model)
+    positions = [[0, 1], [1], [0], [2], [0, 1], [1]]
+    with soft_removal(model, tok, PROMPTS, positions, scale=0.2):
+        assert _opening_limit(model) == user_span(tok, "x")[1].start, "share up to the user's first token"
+        shared, shared_text = refusal_score(model, tok, PROMPTS), generate(model, tok, PROMPTS, max_new_tokens=4)
+        hooks = [(d, k, h) for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)
+                 for k, h in d.items()]
+        for d, k, h in hooks:  # the same functions, unmarked: the plain forward pass
+            d[k] = lambda *a, h=h, **kw: h(*a, **kw)
+        assert _opening_limit(model) == 0
+        plain, plain_text = refusal_score(model, tok, PROMPTS), generate(model, tok, PROMPTS, max_new_tokens=4)
+        for d, k, h in hooks:
+            d[k] = h
+    assert plain == pytest.approx(shared, rel=1e-4, abs=1e-6)
+    assert plain_text == shared_text
+    assert _moved(plain, refusal_score(model, tok, PROMPTS)), "the edit changed nothing"
+
+
+def test_log_refusal_with_a_shared_opening_equals_the_whole_pass_even_when_steered(model, tok):
+    """AtMan's rows share the chat opening: running it once gives the same scores, also when a bias
+    suppresses attention to one user token per row."""
+    ids, span = user_span(tok, REFUSE[0])
+    n = span.stop - span.start
+    x = model.get_input_embeddings()(ids)[None].expand(n + 1, -1, -1)
+    bias = torch.zeros(n + 1, len(ids))
+    bias[torch.arange(1, n + 1), torch.arange(span.start, span.stop)] = -4.0
+    with torch.no_grad():
+        whole = log_refusal(model, tok, x)
+        shared = log_refusal(model, tok, x, opening=span.start)
+        with steering(model, torch.ones(2, 2), bias):
+            steered_whole = log_refusal(model, tok, x)
+            steered_shared = log_refusal(model, tok, x, opening=span.start)
+    assert torch.allclose(whole, shared, atol=1e-4)
+    assert torch.allclose(steered_whole, steered_shared, atol=1e-4)
+    assert (steered_whole[1:] - whole[1:]).abs().max() > 1e-4, "the bias must change the rows it suppresses in"
+    assert model.steering.gate is None, "the gate is back to what the block left"
