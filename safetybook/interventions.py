@@ -23,7 +23,7 @@ from .directions import (
     diff_in_means,
     last_token_activations,
 )
-from .models import decoder_layers, pointwise, residual
+from .models import decoder_layers, pointwise, removed_after, residual
 from .refusal import refusal_score
 
 #: ``edit_direction`` scale that strengthens refusal in the inference chapter. Chosen on train
@@ -56,15 +56,6 @@ def _replace(out, new: torch.Tensor):
 
 
 @contextmanager
-def _hooked(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
 def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
     """Project ``direction`` out of every write to the residual stream (directional ablation,
     Arditi et al. 2024), so that no layer can read it: is the direction *necessary* for refusal?"""
@@ -75,7 +66,7 @@ def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None
         x = residual(out)
         return _replace(out, x - (x @ r.to(x.dtype))[..., None] * r.to(x.dtype))
 
-    with _hooked([m.register_forward_hook(project) for m in writers(model)]):
+    with removed_after([m.register_forward_hook(project) for m in writers(model)]):
         yield
 
 
@@ -90,7 +81,7 @@ def add_direction(model: nn.Module, direction: torch.Tensor, layer: int, coeffic
         x = residual(out)
         return _replace(out, x + shift.to(x.dtype))
 
-    with _hooked([decoder_layers(model)[layer].register_forward_hook(add)]):
+    with removed_after([decoder_layers(model)[layer].register_forward_hook(add)]):
         yield
 
 
@@ -137,7 +128,7 @@ def scale_features(
         acts = torch.relu(x @ encoder[:, idx] + enc_bias[idx])
         return _replace(out, x + (scale - 1) * acts @ decoder[idx])
 
-    with _hooked([decoder_layers(model)[layer].register_forward_hook(edit)]):
+    with removed_after([decoder_layers(model)[layer].register_forward_hook(edit)]):
         yield
 
 

@@ -330,6 +330,16 @@ def has_hooks(model: nn.Module) -> bool:
     return bool(_hooks(model))
 
 
+@contextmanager
+def removed_after(handles: list) -> Iterator[None]:
+    """Remove the hook ``handles`` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def pointwise(hook):
     """Mark a forward hook as pointwise: it changes each position's output from that position's own
     values alone, the same way everywhere (so a shared prompt opening may be computed once under it)."""

@@ -195,6 +195,14 @@ def verdict(effect: Interval, better: str = "lower") -> str:
     return "no clear effect"
 
 
+def target(effect: Interval, bound: float, at_least: bool) -> str:
+    """'met' or 'missed' when the whole interval lies on one side of ``bound`` (``at_least``: the effect
+    should reach it; else it should stay at or below it), 'open' when the interval straddles it."""
+    ok = effect.low >= bound if at_least else effect.high <= bound
+    bad = effect.high < bound if at_least else effect.low > bound
+    return "met" if ok else "missed" if bad else "open"
+
+
 def _z(level: float) -> float:
     """The standard normal quantile for a two-sided ``level`` interval."""
     from statistics import NormalDist

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import chat_text, keeps_opening
+from .models import chat_text, keeps_opening, removed_after
 from .refusal import opening_logprobs, opening_tree
 
 STEERED = "steered"
@@ -265,13 +265,9 @@ def soft_removal(model: nn.Module, tok, prompts: list[str], positions: list[list
         return out
 
     # the chat opening before the user's tokens is never edited: it may run once for a whole batch
-    handles = [model.register_forward_pre_hook(keeps_opening(find, user_start), with_kwargs=True),
-               model.get_input_embeddings().register_forward_hook(keeps_opening(shrink, user_start))]
-    try:
+    with removed_after([model.register_forward_pre_hook(keeps_opening(find, user_start), with_kwargs=True),
+                        model.get_input_embeddings().register_forward_hook(keeps_opening(shrink, user_start))]):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager

@@ -118,3 +118,14 @@ def test_intervals_are_reproducible_and_print_in_points():
     assert stats.mean(x) == stats.mean(x)
     d = stats.Interval(-0.12, -0.2, -0.04)
     assert d.points() == "-12 [-20, -4] points"
+
+
+def test_a_target_is_met_or_missed_only_when_the_whole_interval_is_on_one_side():
+    from safetybook.stats import Interval, target
+
+    assert target(Interval(0.12, 0.10, 0.15), 0.1, at_least=True) == "met"
+    assert target(Interval(0.05, 0.02, 0.08), 0.1, at_least=True) == "missed"
+    assert target(Interval(0.10, 0.08, 0.12), 0.1, at_least=True) == "open"
+    assert target(Interval(0.02, 0.01, 0.03), 0.05, at_least=False) == "met"
+    assert target(Interval(0.07, 0.06, 0.09), 0.05, at_least=False) == "missed"
+    assert target(Interval(0.05, 0.036, 0.064), 0.05, at_least=False) == "open"
