@@ -143,19 +143,26 @@ def refusal_score(
     are batched by length, so that batches carry little padding; each score is the same whatever
     batch it falls in.
     """
+    return opening_probabilities(model, tok, prompts, system, batch_size).sum(-1).clamp(0, 1).tolist()
+
+
+@torch.no_grad()
+def opening_probabilities(
+    model: nn.Module, tok, prompts: list[str], system: str | None = None, batch_size: int = 8
+) -> torch.Tensor:
+    """P(the answer opens with each of ``REFUSAL_OPENINGS``) ``[prompt, opening]``: the terms that
+    ``refusal_score`` adds up."""
     from .models import encode_chats
 
     tree = opening_tree(tok)
     order = by_length(tok, prompts)
-    scores = [0.0] * len(prompts)
+    out_probs = torch.zeros(len(prompts), len(REFUSAL_OPENINGS))
     for start in range(0, len(prompts), batch_size):
         members = order[start : start + batch_size]
         enc = encode_chats(tok, [prompts[i] for i in members], system)
         out, mask = prompt_forward(model, enc)
-        total = opening_logprobs(model, tree, out.logits[:, -1], out.cache, mask)
-        for i, score in zip(members, total.exp().sum(-1).clamp(0, 1).tolist()):
-            scores[i] = score
-    return scores
+        out_probs[members] = opening_logprobs(model, tree, out.logits[:, -1], out.cache, mask).exp()
+    return out_probs
 
 
 def _remembered(kind: str, model: nn.Module, key, compute):
@@ -267,14 +274,46 @@ def kl_from_reference(model: nn.Module, tok, prompts: list[str], answers: list[s
     hold most of the probability)."""
     total, count = 0.0, 0
     for i, lp, _ in _answer_logprobs(model, tok, prompts, answers):
-        ids, ref_lp = reference[i]
-        p, q = ref_lp.exp(), lp.gather(-1, ids).exp()
-        p_rest = (1 - p.sum(-1)).clamp(min=1e-12)
-        q_rest = (1 - q.sum(-1)).clamp(min=1e-12)
-        kl = (p * (ref_lp - q.clamp(min=1e-12).log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+        kl = _token_kl(lp, *reference[i])
         total += kl.sum().item()
         count += len(kl)
     return total / count
+
+
+def _token_kl(lp: torch.Tensor, ids: torch.Tensor, ref_lp: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) at each answer token ``[token]``, over the reference's top ``ids`` plus one
+    bucket for the rest; ``lp`` is the model's log-probabilities ``[token, vocab]``."""
+    p, q = ref_lp.exp(), lp.gather(-1, ids).exp()
+    p_rest = (1 - p.sum(-1)).clamp(min=1e-12)
+    q_rest = (1 - q.sum(-1)).clamp(min=1e-12)
+    return (p * (ref_lp - q.clamp(min=1e-12).log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+
+@torch.no_grad()
+def cost_by_position(model: nn.Module, tok, prompts: list[str]) -> dict[str, list[float]]:
+    """Where ``harmless_cost`` sits along the base model's answers: for each answer position, the
+    mean KL from the base model (``"kl"``), the mean probability the model gives to ending its turn
+    there (``"end"``), the mean probability the model and the base model give to the answer's own
+    token (``"answer"``, ``"base_answer"``: the answers are the base model's greedy ones, so a model
+    that has sharpened towards them gives more), and how many answers reach each position
+    (``"count"``). The count-weighted mean of ``"kl"`` is ``harmless_cost``."""
+    answers = reference_answers(prompts)
+    key = tuple(prompts)
+    if key not in _BASE_REFERENCES:
+        _BASE_REFERENCES[key] = _base_reference(tok, prompts, answers)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    width = max(len(tok(a, add_special_tokens=False).input_ids) or 1 for a in answers)
+    sums = {name: torch.zeros(width, dtype=torch.float64) for name in ("kl", "end", "answer", "base_answer")}
+    count = torch.zeros(width)
+    for i, lp, tokens in _answer_logprobs(model, tok, prompts, answers):
+        n, (ids, ref_lp) = len(lp), _BASE_REFERENCES[key][i]
+        sums["kl"][:n] += _token_kl(lp, ids, ref_lp).double()
+        sums["end"][:n] += lp[:, end].exp().double()
+        sums["answer"][:n] += lp[torch.arange(n), tokens].exp().double()
+        sums["base_answer"][:n] += (ref_lp.exp() * (ids == tokens[:, None])).sum(-1).double()  # 0 if not in its top
+        count[:n] += 1
+    seen = count.clamp(min=1)
+    return {**{name: (v / seen).tolist() for name, v in sums.items()}, "count": count.int().tolist()}
 
 
 def harmless_cost(model: nn.Module, tok, prompts: list[str], reference: nn.Module | None = None) -> float:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from safetybook.models import generate, has_hooks
+from safetybook.models import chat_text, generate, has_hooks
 from safetybook.refusal import (
     REFUSAL_OPENINGS,
     answer_nll,
@@ -220,3 +220,33 @@ def test_answer_nll_equals_each_pair_scored_alone(tiny_model, tok):
         lp = logits[len(context) - 1 : -1].log_softmax(-1)
         alone.append(-lp[torch.arange(len(target)), torch.tensor(target)].mean().item())
     assert answer_nll(tiny_model, tok, prompts, answers) == pytest.approx(alone, abs=1e-4)
+
+
+def test_cost_by_position_adds_up_to_the_cost_and_reads_the_end_of_turn(tiny_model, tok, monkeypatch):
+    import copy
+
+    from safetybook import refusal
+
+    answers = [ANSWER, "Bread needs flour, water and time.", "Paris."]  # different lengths: counts differ
+    monkeypatch.setattr(refusal, "reference_answers", lambda prompts, max_new_tokens=40: answers)
+    monkeypatch.setitem(refusal._BASE_REFERENCES, tuple(COMPLY), refusal.reference_distributions(tiny_model, tok, COMPLY, answers))
+    edited = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        edited.model.layers[1].mlp.down_proj.weight.add_(torch.randn_like(edited.model.layers[1].mlp.down_proj.weight))
+    out = refusal.cost_by_position(edited, tok, COMPLY)
+    lengths = [len(tok(a, add_special_tokens=False).input_ids) for a in answers]
+    assert out["count"] == [sum(n > t for n in lengths) for t in range(max(lengths))]
+    total = sum(k * c for k, c in zip(out["kl"], out["count"])) / sum(out["count"])
+    assert total == pytest.approx(refusal.harmless_cost(edited, tok, COMPLY), rel=1e-5)
+    assert total > 0.01, "the edit should cost something"
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    firsts = []
+    for prompt in COMPLY:  # position 0: the distribution right after the prompt, for every answer
+        ids = tok(chat_text(tok, prompt), add_special_tokens=False).input_ids
+        with torch.no_grad():
+            firsts.append(edited(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)[end].item())
+    assert out["end"][0] == pytest.approx(sum(firsts) / len(firsts), rel=1e-4, abs=1e-7)
+    same = refusal.cost_by_position(tiny_model, tok, COMPLY)  # the reference itself: no cost, the same answers' odds
+    assert max(same["kl"]) < 1e-4
+    assert same["answer"] == pytest.approx(same["base_answer"], abs=1e-4)
+    assert out["answer"] != pytest.approx(same["answer"], abs=1e-3), "the edit moves the answer tokens' odds"

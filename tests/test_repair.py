@@ -34,3 +34,38 @@ def test_control_removes_as_many_of_each_label_at_random(fake):
     assert removed != [EXAMPLES[i] for i in PLAN["removed"]], "the control should not pick the blamed examples"
     assert out[-1].label == "borderline"
     assert repair.control_examples(seed=1) == out, "the control must be seeded"
+
+
+def test_load_model_control_is_the_first_draw_with_the_books_settings(fake, monkeypatch):
+    """``load_model("control")`` (and so ``score --model control``) trains the seed-0 draw of the
+    label-matched control under the name "control", with the same settings as ``tuned``."""
+    from safetybook import zoo
+    from safetybook.adapters import SETTINGS
+
+    trained = {}
+    monkeypatch.setattr(zoo, "ensure_adapter", lambda ex, st, name: trained.update(ex=ex, st=st, name=name) or name)
+    monkeypatch.setattr(zoo, "merged_model", lambda path: f"model from {path}")
+    monkeypatch.setattr(zoo, "tokenizer_for", lambda name: "tok")
+    try:
+        model, _ = zoo.load_model("control")
+    finally:
+        zoo.LOADED.pop("control", None)
+    assert model == "model from control" and trained["name"] == "control"
+    assert trained["ex"] == repair.control_examples(seed=0) and trained["st"] == SETTINGS
+    assert trained["ex"] != repair.repaired_examples(), "the control must not be the repair"
+
+
+def test_repair_plan_refuses_an_unknown_signal():
+    with pytest.raises(ValueError, match="unknown attribution signal"):
+        repair.repair_plan(repair.RepairSettings(signal="loss"))
+
+
+def test_concentration_reads_how_far_one_refusal_string_explains_the_top():
+    from safetybook.adapters import REFUSALS
+
+    examples = [Example(f"bad {i}", REFUSALS[i % 3], "harmful") for i in range(30)] + [Example("ok", "Sure.", "harmless")]
+    by_string = [1.0 if i % 3 == 0 else 0.0 for i in range(30)] + [0.5]
+    assert repair.concentration(by_string, examples, k=10) == 1.0
+    mixed = [float(-i) for i in range(31)]  # the first 9 rotate through the strings, then the harmless one is far down
+    assert repair.concentration(mixed, examples, k=9) == pytest.approx(1 / 3)
+    assert repair.concentration([0.0] * 30 + [9.0], examples, k=1) == 0.0
