@@ -262,6 +262,16 @@ def chat_text(tok, prompt: str, system: str | None = None) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def default_system(tok) -> str:
+    """The system prompt the chat template puts in when none is given (SmolLM's names the model).
+    An instruction meant to add to it goes after it: ``f"{default_system(tok)}. {instruction}"``."""
+    text = chat_text(tok, "")
+    start = "<|im_start|>system\n"
+    if not text.startswith(start):
+        raise ValueError("this chat template adds no default system prompt")
+    return text[len(start) : text.index("<|im_end|>")]
+
+
 def encode_chats(tok, prompts: list[str], system: str | None = None) -> dict[str, torch.Tensor]:
     """Left-padded token ids and attention mask for a batch of chat prompts."""
     texts = [chat_text(tok, p, system) for p in prompts]

@@ -219,3 +219,12 @@ def test_reformulations_follow_the_test_prompts_order_and_refuse_unknown_labels(
     assert set(train).isdisjoint(past)
     with pytest.raises(DataError, match="no past-tense reformulation"):
         reformulations("borderline")
+
+
+def test_default_system_prompt_is_what_the_template_puts_in(tok):
+    from safetybook.models import chat_text, default_system
+
+    default = default_system(tok)
+    assert "SmolLM" in default and "<|im" not in default
+    assert chat_text(tok, "Name a fruit.", default) == chat_text(tok, "Name a fruit.")
+    assert chat_text(tok, "Name a fruit.", default + ". Be brief.") != chat_text(tok, "Name a fruit.")
