@@ -194,7 +194,8 @@ def refusal_attribution(
         query = _refusal_grads(model, lower, tok, queries)
         query_norm = _norms(query)
         anchors = _refusal_grads(model, lower, tok, anchor)
-        unit = {n: g / _norms(anchors)[:, None, None] for n, g in anchors.items()}
+        anchor_norm = _norms(anchors)
+        unit = {n: g / anchor_norm[:, None, None] for n, g in anchors.items()}
         mean = {n: g.mean(0, keepdim=True) for n, g in unit.items()}
         mean = {n: g / _norms(mean) for n, g in mean.items()}  # the anchor direction, of unit norm
         del anchors, unit

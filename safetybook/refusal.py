@@ -298,15 +298,13 @@ def cost_by_position(model: nn.Module, tok, prompts: list[str]) -> dict[str, lis
     that has sharpened towards them gives more), and how many answers reach each position
     (``"count"``). The count-weighted mean of ``"kl"`` is ``harmless_cost``."""
     answers = reference_answers(prompts)
-    key = tuple(prompts)
-    if key not in _BASE_REFERENCES:
-        _BASE_REFERENCES[key] = _base_reference(tok, prompts, answers)
+    reference = _kept_base_reference(tok, prompts, answers)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     width = max(len(tok(a, add_special_tokens=False).input_ids) or 1 for a in answers)
     sums = {name: torch.zeros(width, dtype=torch.float64) for name in ("kl", "end", "answer", "base_answer")}
     count = torch.zeros(width)
     for i, lp, tokens in _answer_logprobs(model, tok, prompts, answers):
-        n, (ids, ref_lp) = len(lp), _BASE_REFERENCES[key][i]
+        n, (ids, ref_lp) = len(lp), reference[i]
         sums["kl"][:n] += _token_kl(lp, ids, ref_lp).double()
         sums["end"][:n] += lp[:, end].exp().double()
         sums["answer"][:n] += lp[torch.arange(n), tokens].exp().double()
@@ -314,6 +312,14 @@ def cost_by_position(model: nn.Module, tok, prompts: list[str]) -> dict[str, lis
         count[:n] += 1
     seen = count.clamp(min=1)
     return {**{name: (v / seen).tolist() for name, v in sums.items()}, "count": count.int().tolist()}
+
+
+def _kept_base_reference(tok, prompts: list[str], answers: list[str]):
+    """The base model's ``reference_distributions`` for ``prompts``, kept for the process."""
+    key = tuple(prompts)
+    if key not in _BASE_REFERENCES:
+        _BASE_REFERENCES[key] = _base_reference(tok, prompts, answers)
+    return _BASE_REFERENCES[key]
 
 
 def harmless_cost(model: nn.Module, tok, prompts: list[str], reference: nn.Module | None = None) -> float:
@@ -329,9 +335,7 @@ def harmless_cost(model: nn.Module, tok, prompts: list[str], reference: nn.Modul
     answers = reference_answers(prompts)
     key = tuple(prompts)
     if reference is None:
-        if key not in _BASE_REFERENCES:
-            _BASE_REFERENCES[key] = _base_reference(tok, prompts, answers)
-        return kl_from_reference(model, tok, prompts, answers, _BASE_REFERENCES[key])
+        return kl_from_reference(model, tok, prompts, answers, _kept_base_reference(tok, prompts, answers))
     kept = _REFERENCES.setdefault(reference, {})
     if key not in kept:
         if has_hooks(reference):
