@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove the model's refusal direction at every layer, add it at its layer, "
                             "add it where the condition gate reads the prompt as harmful and remove it elsewhere, "
                             "or shrink each prompt's tokens that most push towards compliance (Token Highlighter)")
-    guard = sub.add_parser("guard", help="probability that each prompt is harmful, from the harmfulness probe")
+    guard = sub.add_parser("guard", help="probability that each prompt is harmful, from the guard probe (and whether it is flagged)")
     guard.add_argument("--model", default="base", choices=("base", "tuned"), help="whose activations the probe reads")
     guard.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
     gen = sub.add_parser("generate", help="answers, verified by a monitor before they are shown")
@@ -88,17 +88,15 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_guard(args: argparse.Namespace) -> None:
     from .data import read_prompt_file
-    from .directions import PROBE_LAYER, last_token_activations
     from .models import model_folder
-    from .zoo import harm_probe, load_model
+    from .zoo import guard, load_model
 
     prompts = read_prompt_file(args.prompts)
     model_folder()
-    probe = harm_probe(args.model, PROBE_LAYER)
+    gate = guard(args.model)
     model, tok = load_model(args.model)
-    acts = last_token_activations(model, tok, prompts, [probe.layer])[0]
-    for prompt, p in zip(prompts, probe.predict(acts)):
-        print(json.dumps({"prompt": prompt, "harmful": round(float(p), 4)}), flush=True)
+    for prompt, p in zip(prompts, gate.probability(model, tok, prompts)):
+        print(json.dumps({"prompt": prompt, "harmful": round(float(p), 4), "flagged": bool(p > gate.threshold)}), flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

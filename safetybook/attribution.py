@@ -205,8 +205,8 @@ def refusal_attribution(
             for grads in per_example_grads(model, tok, column, batch_size):
                 part = {n: g.sum(0, keepdim=True) for n, g in grads.items()}
                 summed = part if summed is None else {n: summed[n] + part[n] for n in part}
-            for n in columns:
-                columns[n].append(summed[n])
+            for n, kept in columns.items():
+                kept.append(summed[n])
         # each query's cosine with the anchor, and the norm of what is left of its unit gradient without it
         along = sum((query[n].double() * mean[n].double()).flatten(1).sum(1) for n in query) / query_norm.double()
         own = (1 - along.pow(2)).clamp(min=0).sqrt()

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from . import stats
 from .cache import cache_dir, read_json, write_json
 from .data import TOOL_STAGES as STAGES  # the workflow stages in the survey's order (the table's row order)
@@ -53,6 +55,14 @@ def combined_verdict(effect: stats.Interval, against_control: stats.Interval, be
     return "helps" if alone == "helps" and stats.verdict(against_control, better) == "helps" else "no clear effect"
 
 
+def _difference(a, b, statistic: str) -> stats.Interval:
+    """``a − b`` on the same prompts. A side given as a [run, prompt] array is several training runs (seeds,
+    or a control's draws): then the interval resamples the runs too (``stats.seeded_difference``)."""
+    if np.ndim(a) == 2 or np.ndim(b) == 2:
+        return stats.seeded_difference(np.atleast_2d(a), np.atleast_2d(b), statistic)
+    return stats.paired_difference(a, b, statistic)
+
+
 def _interval(x: dict) -> stats.Interval:
     return stats.Interval(**x)
 
@@ -74,16 +84,18 @@ def record(
     statistic: str = "mean",
 ) -> Row:
     """Compute one enhancement's row from per-prompt scores on the same prompts (in the same order) and
-    keep it for the closing chapter. ``statistic`` is 'mean' (the mean score) or 'share' (above 0.5)."""
+    keep it for the closing chapter. ``statistic`` is 'mean' (the mean score) or 'share' (above 0.5).
+    Where a model was retrained over several seeds, pass its scores as a [run, prompt] array: its
+    intervals then hold the seeds' variance as well as the prompts'."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
-    against = stats.paired_difference(after, control_after, statistic)
-    effect = stats.paired_difference(after, before, statistic)
+    against = _difference(after, control_after, statistic)
+    effect = _difference(after, before, statistic)
     row = Row(
         chapter=chapter, stage=stage, enhancement=enhancement, control=control, measure=measure,
-        n=len(before), better=better,
+        n=np.shape(before)[-1], better=better,
         effect=effect,
-        control_effect=stats.paired_difference(control_after, before, statistic),
+        control_effect=_difference(control_after, before, statistic),
         against_control=against, cost=cost, verdict=combined_verdict(effect, against, better), diagnosis=diagnosis,
         try_next=try_next, statistic=statistic,
     )

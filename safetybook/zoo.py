@@ -8,7 +8,8 @@ tiny one.
 - models: ``"base"`` (the embedded SmolLM2-135M-Instruct), ``"tuned"`` (the safety fine-tune),
   ``"repaired"`` (its attribution-guided repair), ``"control"`` (the repair's random-removal control),
   or a hub id with a ``/`` (needs network; never used by the book itself);
-- artifacts: the harmfulness probe (``harm_probe``), the monitor's threshold
+- artifacts: the guard (``guard``, a probe on the request's mean activation), the last-token
+  harmfulness probe (``harm_probe``) and the generation monitor's threshold
   (``probe_threshold``), the refusal direction (``refusal_direction``) and the condition of
   conditional steering (``condition_gate``).
 """
@@ -34,30 +35,48 @@ from .directions import (
     RefusalDirection,
     choose_gate,
     fit_probe,
-    last_token_activations,
-    pooled_activations,
+    prompt_activations,
 )
 from .interventions import select_refusal_direction
 from .models import LOADED, TOKENIZERS, ModelError, fingerprint, load_base, tokenizer_for, unload_model
 from .monitor import MONITOR_LAYER, held_out_threshold
 
-__all__ = ["LOCAL_NAMES", "condition_gate", "harm_probe", "load_model", "monitor_probe", "probe_threshold", "recipe",
-           "refusal_direction", "unload_model"]
+__all__ = ["LOCAL_NAMES", "READINGS", "condition_gate", "guard", "harm_probe", "load_model", "load_run", "monitor_probe",
+           "probe_activations", "probe_threshold", "recipe", "refusal_direction", "unload_model"]
 
 LOCAL_NAMES = ("base", "tuned", "repaired", "control")
 
 
-def recipe(name: str) -> tuple[list[Example], LoraSettings]:
-    """The training examples and settings behind a named adapter."""
+def recipe(name: str, seed: int = 0) -> tuple[list[Example], LoraSettings]:
+    """The training examples and settings behind a named adapter. ``seed`` picks another training run
+    of the same recipe: the training seed (the adapters' random start and the batches' order) and, for
+    the control, also which examples are drawn at random. Seed 0 is the named model itself."""
+    from dataclasses import replace
+
     from . import repair
 
+    if seed < 0:
+        raise ValueError(f"seed must be 0 or more, not {seed}")
+    settings = replace(SETTINGS, seed=seed) if seed else SETTINGS
     if name == "tuned":
-        return safety_examples(), SETTINGS
+        return safety_examples(), settings
     if name == "repaired":
-        return repair.repaired_examples(), SETTINGS
+        return repair.repaired_examples(), settings
     if name == "control":
-        return repair.control_examples(), SETTINGS
+        return repair.control_examples(seed=seed), settings
     raise KeyError(name)
+
+
+def load_run(name: str, seed: int) -> tuple[nn.Module, object]:
+    """Another training run of a named fine-tune (``recipe(name, seed)``), trained on first use and
+    cached like the named ones. Seed 0 is ``load_model(name)``. Runs are not kept in memory: the
+    caller frees each one (``del``) before loading the next."""
+    if name not in LOCAL_NAMES or name == "base":
+        raise ModelError(f"only a fine-tune has training runs ({', '.join(LOCAL_NAMES[1:])}), not {name!r}")
+    if seed == 0:
+        return load_model(name)
+    examples, settings = recipe(name, seed)
+    return merged_model(ensure_adapter(examples, settings, name)), tokenizer_for("base")
 
 
 def load_model(name: str = "base"):
@@ -132,21 +151,30 @@ def probe_rows() -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     return texts, kind < 2, (kind == 2) | (kind == 3), families
 
 
-def _probe_activations(model_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last-token activations ``[layer, prompt, d]`` at every layer of ``model_name`` for the probe's
-    positive and negative train prompts. One forward pass gives every layer, so the probe at any
-    layer and the monitor's threshold share it; cached on disk as safetensors."""
+#: The two readings of the residual stream that ``prompt_activations`` gives from one forward pass.
+READINGS = ("last", "mean")
+
+
+def probe_activations(model_name: str, reading: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``[layer, prompt, d]`` at every layer of ``model_name`` for the probe's positive and
+    negative train prompts, read at the last prompt token (``"last"``) or averaged over the request's
+    tokens (``"mean"``). One forward pass gives both readings at every layer, so every probe, gate and
+    threshold on these prompts shares it; cached on disk as safetensors."""
+    if reading not in READINGS:
+        raise ValueError(f"unknown reading {reading!r}: use one of {', '.join(READINGS)}")
     harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
     positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
-    path = cache_dir("activations") / f"probe-{model_name}-{digest(positive, negative, _weights_key(model_name))}.safetensors"
+    key = digest(positive, negative, _weights_key(model_name), READINGS)
+    path = cache_dir("activations") / f"probe-{model_name}-{key}.safetensors"
     saved = read_tensors(path)
     if saved is None:
         with computing(f"the activations of '{model_name}' on the probe's {len(positive) + len(negative)} train prompts"):
             model, tok = load_model(model_name)
-            acts = last_token_activations(model, tok, positive + negative)
-            saved = {"positive": acts[:, : len(positive)], "negative": acts[:, len(positive) :]}
+            acts = prompt_activations(model, tok, positive + negative)
+            saved = {f"{kind}/{side}": a[:, rows].contiguous() for kind, a in acts.items()
+                     for side, rows in (("positive", slice(0, len(positive))), ("negative", slice(len(positive), None)))}
             write_tensors(path, saved)
-    return saved["positive"], saved["negative"]
+    return saved[f"{reading}/positive"], saved[f"{reading}/negative"]
 
 
 def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
@@ -162,7 +190,7 @@ def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
     if cached is not None:
         return Probe(**cached)
     with computing(f"the harmfulness probe of '{model_name}' at layer {layer}"):
-        pos, neg = _probe_activations(model_name)
+        pos, neg = probe_activations(model_name)
         probe = fit_probe(layer, pos[layer], neg[layer])
         write_json(path, asdict(probe))
     return probe
@@ -179,7 +207,7 @@ def probe_threshold(model_name: str = "base", layer: int = MONITOR_LAYER, false_
     if cached is not None:
         return cached["threshold"]
     with computing(f"the monitor's threshold for '{model_name}' at layer {layer}"):
-        pos, neg = _probe_activations(model_name)
+        pos, neg = probe_activations(model_name)
         acts = torch.cat([pos[layer], neg[layer]])
         labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
         groups = list(range(len(harmful))) * 2 + [len(harmful) + i for i in range(len(harmless))] * 2
@@ -213,18 +241,24 @@ def refusal_direction(model_name: str = "tuned", n_select: int = 32, target: flo
 
 def condition_gate(model_name: str = "tuned") -> Gate:
     """The condition of the book's conditional steering for ``model_name``: a probe on activations
-    pooled over the prompt (``directions.pooled_activations``), fitted on the guard's train prompts,
-    with its layer and threshold chosen by cross-validation on them (``directions.choose_gate``).
+    pooled over the prompt (``probe_activations(model_name, "mean")``), fitted on the guard's train
+    prompts, with its layer and threshold chosen by cross-validation on them (``directions.choose_gate``).
     Found once and cached as JSON."""
     harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
     positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
-    model, tok = load_model(model_name)
-    path = cache_dir("probes") / f"gate-{model_name}-{digest(positive, negative, fingerprint(model))}.json"
+    path = cache_dir("probes") / f"gate-{model_name}-{digest(positive, negative, _weights_key(model_name))}.json"
     cached = read_json(path)
     if cached is not None:
         return Gate(**{**cached, "probe": Probe(**cached["probe"])})
+    pos, neg = probe_activations(model_name, "mean")
     with computing(f"the condition gate of '{model_name}' on {len(positive) + len(negative)} train prompts"):
-        acts = pooled_activations(model, tok, positive + negative)
-        gate = choose_gate(acts[:, : len(positive)], acts[:, len(positive) :], probe_groups())
+        gate = choose_gate(pos, neg, probe_groups())
         write_json(path, asdict(gate))
     return gate
+
+
+def guard(model_name: str = "base") -> Gate:
+    """The book's guard, behind ``python -m safetybook guard``: the same probe as ``condition_gate``, read
+    from ``model_name``. Of the two readings, the request's mean beats the last token in cross-validation
+    on the train prompts at every layer the inference chapter shows (03a), so the guard pools."""
+    return condition_gate(model_name)

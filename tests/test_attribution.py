@@ -9,7 +9,13 @@ from safetensors.torch import save_file
 
 from safetybook.adapters import Example, collate, lora_model, with_settings
 from safetybook.attribution import (
-    checkpoints, per_example_grads, refusal_attribution, refusal_loss, similarities, similarity, tracin,
+    checkpoints,
+    per_example_grads,
+    refusal_attribution,
+    refusal_loss,
+    similarities,
+    similarity,
+    tracin,
 )
 from safetybook.frozen import first_lora_layer, lower_states
 from safetybook.refusal import refusal_score

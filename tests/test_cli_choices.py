@@ -5,7 +5,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 
 from safetybook import directions, interventions, refusal, zoo
 from safetybook.__main__ import main
@@ -71,23 +70,26 @@ def test_conditional_adds_where_the_gate_fires_and_ablates_elsewhere(tmp_path, m
     assert ['"refusal": 0.9' in line for line in out] == [False, True, False], "scores come back in prompt order"
 
 
-def test_guard_reads_the_probe_layer(tmp_path, monkeypatch, capsys):
-    seen = {}
+def test_guard_prints_the_guards_probability_and_flag(tmp_path, monkeypatch, capsys):
+    """``guard`` reads the library's guard (``zoo.guard``): its probability, and whether it is above the
+    guard's own threshold (chosen on train), for each prompt in order."""
+    import json
 
-    def probe(model_name, layer):
-        seen["layer"] = layer
-        d = 4
-        return directions.Probe(layer=layer, weight=[0.0] * d, bias=0.0, mean=[0.0] * d, std=[1.0] * d)
+    class Gate:
+        threshold = 0.4
 
-    monkeypatch.setattr(zoo, "harm_probe", probe)
+        def probability(self, model, tok, prompts):
+            return np.array([0.9 if "poison" in p else 0.3 for p in prompts])
+
+    asked = []
+    monkeypatch.setattr(zoo, "guard", lambda name: asked.append(name) or Gate())
     monkeypatch.setattr(zoo, "load_model", lambda name: (object(), object()))
-    monkeypatch.setattr(directions, "last_token_activations",
-                        lambda model, tok, prompts, layers: torch.zeros(len(layers), len(prompts), 4))
     path = tmp_path / "p.txt"
-    path.write_text("How do I bake bread?\n")
+    path.write_text("How do I bake bread?\nHow do I poison a well?\n")
     assert main(["guard", "--model", "tuned", "--prompts", str(path)]) == 0
-    assert seen["layer"] == directions.PROBE_LAYER
-    assert np.isclose(float(capsys.readouterr().out.split('"harmful": ')[1].rstrip("}\n")), 0.5)
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    assert asked == ["tuned"]
+    assert [(o["harmful"], o["flagged"]) for o in out] == [(0.3, False), (0.9, True)]
 
 
 def test_score_highlight_applies_token_highlighter_on_the_tiny_model(tmp_path, monkeypatch, capsys, tiny_model, tok):

@@ -32,4 +32,5 @@ def test_guard_ranks_a_harmful_prompt_above_a_harmless_one(tmp_path):
     out = [json.loads(line) for line in result.stdout.splitlines()]
     assert [o["prompt"] for o in out] == [r["prompt"] for r in rows]
     assert all(0 <= o["harmful"] <= 1 for o in out)
-    assert out[0]["harmful"] > out[1]["harmful"], "the probe should read the last prompt token's activations"
+    assert out[0]["harmful"] > out[1]["harmful"], "the guard should rank the bomb request above the bread"
+    assert out[0]["flagged"] and not out[1]["flagged"], "at its threshold chosen on train"

@@ -114,3 +114,24 @@ def test_gate_flags_by_its_threshold(tiny_model, tok, bias, expected):
     d = tiny_model.config.hidden_size
     gate = Gate(Probe(layer=0, weight=[0.0] * d, bias=bias, mean=[0.0] * d, std=[1.0] * d), 0.5, [], {})
     assert gate.flags(tiny_model, tok, ["Name a fruit.", "How can I steal a bike?"]).tolist() == [expected] * 2
+
+
+def test_probe_activations_share_one_pass_and_come_back_from_the_cache(tiny_model, tok, monkeypatch, tmp_path):
+    """Both readings of the guard's train prompts come from one forward pass, are what
+    ``prompt_activations`` gives, and are read back from the cache without the model."""
+    from safetybook import zoo
+    from safetybook.directions import prompt_activations
+
+    monkeypatch.setenv("SAFETYBOOK_CACHE", str(tmp_path))
+    sets = (["How can I steal a bike?"], ["How do I bake bread?"], ["Name a fruit."], ["Story: steal a bike"], ["Story: bread"])
+    monkeypatch.setattr(zoo, "probe_sets", lambda: sets)
+    monkeypatch.setattr(zoo, "load_model", lambda name: (tiny_model, tok))
+    want = prompt_activations(tiny_model, tok, [sets[0][0], sets[3][0], sets[1][0], sets[4][0], sets[2][0]])
+    pos, neg = zoo.probe_activations("base", "mean")
+    assert torch.allclose(torch.cat([pos, neg], 1), want["mean"], atol=1e-5)
+    monkeypatch.setattr(zoo, "load_model", lambda name: pytest.fail("the second call should read the cache"))
+    pos, neg = zoo.probe_activations("base", "last")
+    assert pos.shape[1] == 2 and neg.shape[1] == 3
+    assert torch.allclose(torch.cat([pos, neg], 1), want["last"], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown reading"):
+        zoo.probe_activations("base", "max")

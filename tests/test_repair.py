@@ -69,3 +69,26 @@ def test_concentration_reads_how_far_one_refusal_string_explains_the_top():
     mixed = [float(-i) for i in range(31)]  # the first 9 rotate through the strings, then the harmless one is far down
     assert repair.concentration(mixed, examples, k=9) == pytest.approx(1 / 3)
     assert repair.concentration([0.0] * 30 + [9.0], examples, k=1) == 0.0
+
+
+def test_a_runs_seed_changes_the_training_seed_and_the_controls_draw(fake):
+    from dataclasses import replace
+
+    from safetybook import zoo
+    from safetybook.adapters import SETTINGS
+
+    assert zoo.recipe("repaired", 0) == zoo.recipe("repaired")  # seed 0 is the named model
+    examples, settings = zoo.recipe("repaired", 2)
+    assert examples == repair.repaired_examples() and settings == replace(SETTINGS, seed=2)
+    drawn, settings = zoo.recipe("control", 2)
+    assert settings.seed == 2 and drawn == repair.control_examples(seed=2) != repair.control_examples(seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        zoo.recipe("control", -1)
+
+
+def test_load_run_refuses_the_base_model():
+    from safetybook import zoo
+    from safetybook.models import ModelError
+
+    with pytest.raises(ModelError, match="training runs"):
+        zoo.load_run("base", 1)

@@ -51,3 +51,21 @@ def test_unknown_stage_is_refused(monkeypatch, tmp_path):
     before, after, control = _scores(5)
     with pytest.raises(ValueError, match="unknown stage"):
         _record("x", before, after, control, stage="deployment")
+
+
+def test_runs_widen_the_interval_by_their_spread(monkeypatch, tmp_path):
+    """Scores given as [run, prompt] arrays (several seeds) put the seeds' spread into the interval: runs
+    that agree give about the one-run interval; runs that disagree give a wider one, around their mean."""
+    monkeypatch.setenv("SAFETYBOOK_CACHE", str(tmp_path))
+    before, after, control = _scores()
+    one = _record("one run", before, after, control)
+    agree = _record("runs agree", before, np.stack([after] * 3), np.stack([control] * 3))
+    assert agree.n == len(before)
+    assert agree.against_control.estimate == pytest.approx(one.against_control.estimate)
+    assert agree.against_control.high - agree.against_control.low == pytest.approx(
+        one.against_control.high - one.against_control.low, rel=0.3)
+    spread = np.stack([np.clip(after + shift, 0, 1) for shift in (-0.25, 0.0, 0.25)])
+    disagree = _record("runs disagree", before, spread, np.stack([control] * 3))
+    assert disagree.against_control.estimate == pytest.approx(spread.mean(1).mean() - control.mean())
+    assert disagree.against_control.high - disagree.against_control.low > 2 * (
+        one.against_control.high - one.against_control.low)
