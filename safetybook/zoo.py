@@ -16,7 +16,7 @@ tiny one.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -51,13 +51,11 @@ def recipe(name: str, seed: int = 0) -> tuple[list[Example], LoraSettings]:
     """The training examples and settings behind a named adapter. ``seed`` picks another training run
     of the same recipe: the training seed (the adapters' random start and the batches' order) and, for
     the control, also which examples are drawn at random. Seed 0 is the named model itself."""
-    from dataclasses import replace
-
     from . import repair
 
     if seed < 0:
         raise ValueError(f"seed must be 0 or more, not {seed}")
-    settings = replace(SETTINGS, seed=seed) if seed else SETTINGS
+    settings = replace(SETTINGS, seed=seed)  # equal to SETTINGS (seed 0) for the named model
     if name == "tuned":
         return safety_examples(), settings
     if name == "repaired":
