@@ -86,6 +86,12 @@ def per_example_grads(model: nn.Module, tok, examples: list[Example], batch_size
             h.remove()
 
 
+def by_length(tok, examples: list[Example]) -> list[int]:
+    """The order that batches ``examples`` with the least padding: shortest token sequence first (stable).
+    A batch runs to its longest sequence, so mixed lengths pay for padding that sorted ones do not."""
+    return sorted(range(len(examples)), key=lambda i: len(encode_example(tok, examples[i])[0]))
+
+
 def tracin(
     model: nn.Module, saved: list[tuple[Path, float]], train: list[Example], queries: list[Example],
     batch_size: int = 4,
@@ -109,10 +115,11 @@ def tracin(
         load_checkpoint(model, path)
         stacked = _stack(per_example_grads(model, tok, queries, batch_size))
         query_grads = {n: torch.cat(stacked.pop(n)) for n in list(stacked)}  # one module's copy at a time
-        row = 0
-        for grads in per_example_grads(model, tok, train, batch_size):
+        order, row = by_length(tok, train), 0
+        for grads in per_example_grads(model, tok, [train[i] for i in order], batch_size):
             n = next(iter(grads.values())).shape[0]
-            scores[row : row + n] += lr * sum(torch.einsum("boi,qoi->bq", g, query_grads[k]) for k, g in grads.items())
+            rows = order[row : row + n]
+            scores[rows] += lr * sum(torch.einsum("boi,qoi->bq", g, query_grads[k]) for k, g in grads.items())
             row += n
             del grads
             trim_heap()
@@ -213,17 +220,18 @@ def refusal_attribution(
         along, own = along.float(), torch.where(own > 1e-3, own, torch.inf).float()  # nothing of its own: 0
         stacked = {n: torch.cat([query[n], mean[n], *columns[n]]) for n in query}  # one product per module
         del query, mean, columns
-        row = 0
-        for grads in per_example_grads(model, tok, train, batch_size):
+        order, row = by_length(tok, train), 0  # batched by length; each row goes back to its example
+        for grads in per_example_grads(model, tok, [train[i] for i in order], batch_size):
             n = next(iter(grads.values())).shape[0]
+            rows = order[row : row + n]
             norm = _norms(grads)
             dots = sum(torch.einsum("boi,qoi->bq", g, stacked[k]) for k, g in grads.items())
             q = len(queries)
-            scores["tracin"][row : row + n] += lr * dots[:, :q]
+            scores["tracin"][rows] += lr * dots[:, :q]
             # g_z · (unit g_q - along · a) / (|g_z| · own): the cosine with the query's own direction
             projected = dots[:, :q] / query_norm - along * dots[:, q : q + 1]
-            scores["anchored"][row : row + n] += lr * projected / (norm[:, None] * own)
-            scores["strings"][row : row + n] += lr * dots[:, q + 1 :]
+            scores["anchored"][rows] += lr * projected / (norm[:, None] * own)
+            scores["strings"][rows] += lr * dots[:, q + 1 :]
             row += n
             del grads
             trim_heap()

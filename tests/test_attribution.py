@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from safetybook.adapters import Example, collate, lora_model, with_settings
 from safetybook.attribution import (
+    by_length,
     checkpoints,
     per_example_grads,
     refusal_attribution,
@@ -70,6 +71,13 @@ def _one_checkpoint(model, folder, lr="0.01"):
     return checkpoints(folder)
 
 
+def test_by_length_orders_shortest_first_and_keeps_every_example(tok):
+    examples = [Example("word " * n, ANSWER, "harmful") for n in (5, 1, 9, 1, 3)]
+    order = by_length(tok, examples)
+    assert sorted(order) == list(range(len(examples)))
+    assert order == [1, 3, 4, 0, 2], "shortest first, ties in their given order"
+
+
 def test_refusal_loss_is_minus_log_the_refusal_score(lora, tok):
     prompts = [REFUSE[0], COMPLY[0], COMPLY[2]]
     scores = refusal_score(lora, tok, prompts)
@@ -82,7 +90,9 @@ def test_refusal_loss_is_minus_log_the_refusal_score(lora, tok):
 
 def test_refusal_attribution_matches_gradients_by_hand(lora, tok, tmp_path):
     saved = _one_checkpoint(lora, tmp_path)
-    train, queries, anchor = EXAMPLES[:3], [COMPLY[0], COMPLY[1]], [REFUSE[1], REFUSE[2]]
+    # the longest example first: batched by length, the rows run in another order and must come back
+    train, queries, anchor = [EXAMPLES[2], EXAMPLES[0], EXAMPLES[1]], [COMPLY[0], COMPLY[1]], [REFUSE[1], REFUSE[2]]
+    assert by_length(tok, train) != list(range(len(train)))
     out = refusal_attribution(copy.deepcopy(lora), saved, train, queries, anchor, strings=[EXAMPLES[3:5]])
 
     def grad(loss_of):
