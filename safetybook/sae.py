@@ -117,6 +117,49 @@ def mean_active(sae: SparseAutoencoder, acts: torch.Tensor) -> float:
     return float((sae.encode(acts.float()) > 0).sum(-1).float().mean())
 
 
+@torch.no_grad()
+def spliced_losses(model: nn.Module, tok, sae: nn.Module, layer: int, texts: list[str], start: int) -> dict[str, float]:
+    """How much of the model's behaviour the SAE keeps: the model's next-token loss (nats per token) on
+    ``texts`` (each already in the chat template), over the tokens after position ``start``, three ways:
+
+    - ``"clean"``: the model as it is;
+    - ``"spliced"``: the residual stream after ``layer`` replaced by ``sae``'s reconstruction at every
+      position from ``start`` on (the positions the SAE was trained on);
+    - ``"zero"``: the same positions set to zero, the reference of a useless reconstruction.
+
+    ``"recovered"`` is ``(zero - spliced) / (zero - clean)``: 1 when the reconstruction loses nothing
+    the model needs, 0 when it is as bad as nothing. Each text runs alone (no padding)."""
+    from .models import decoder_layers, residual
+
+    how = {"mode": "clean"}
+
+    def splice(_module, _inputs, out):
+        if how["mode"] == "clean":
+            return None
+        x = residual(out).clone()
+        part = x[:, start:]
+        x[:, start:] = sae(part.float())[0].to(x.dtype) if how["mode"] == "spliced" else torch.zeros_like(part)
+        return x if isinstance(out, torch.Tensor) else (x, *out[1:])
+
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    count = 0
+    handle = decoder_layers(model)[layer].register_forward_hook(splice)
+    try:
+        for text in texts:
+            ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+            targets = ids[0, start + 1 :]  # predicted from the positions start … end-1, all of them edited
+            for mode in totals:
+                how["mode"] = mode
+                logits = model(input_ids=ids).logits[0, start:-1]
+                totals[mode] += float(nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+            count += len(targets)
+    finally:
+        handle.remove()
+    out = {k: v / count for k, v in totals.items()}
+    out["recovered"] = (out["zero"] - out["spliced"]) / (out["zero"] - out["clean"])
+    return out
+
+
 def save_sae(sae: SparseAutoencoder, folder: Path, settings: SaeSettings) -> None:
     """Write weights (safetensors) and settings (JSON) into ``folder``."""
     from safetensors.torch import save_file

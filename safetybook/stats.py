@@ -122,6 +122,35 @@ def unpaired_difference(
     return _percentiles(stat(a) - stat(b), stat(a[ia]) - stat(b[ib]), level)
 
 
+def selectivity(
+    target: tuple[Sequence[float], Sequence[float]], costs: Sequence[tuple[Sequence[float], Sequence[float]]],
+    level: float = LEVEL, seed: int = 0,
+) -> Interval:
+    """How selective an edit is: its mean gain where it should act minus its mean gain where it should not.
+
+    ``target`` and each of ``costs`` are ``(after, before)`` scores of one prompt set, each set scored twice
+    on the same prompts. The estimate is ``gain(target) - mean over costs of gain(cost)``, with
+    ``gain = mean(after - before)``: above 0 when the edit moves the target more than the other sets.
+    The sets hold different prompts: the bootstrap resamples each set's prompts on its own, paired
+    within the set."""
+    rng = np.random.default_rng(seed)
+
+    def gains(after, before, name):
+        a, b = _array(after, f"{name} after"), _array(before, f"{name} before")
+        if len(a) != len(b):
+            raise ValueError(f"{name}: paired scores need the same prompts: {len(a)} against {len(b)}")
+        d = a - b
+        return d.mean(), d[rng.integers(0, len(d), (BOOTSTRAP, len(d)))].mean(-1)
+
+    if not costs:
+        raise ValueError("selectivity needs at least one set where the edit should not act")
+    estimate, draws = gains(*target, "target")
+    cost = [gains(after, before, f"cost {i}") for i, (after, before) in enumerate(costs)]
+    estimate -= np.mean([c[0] for c in cost])
+    draws = draws - np.mean([c[1] for c in cost], axis=0)
+    return _percentiles(estimate, draws, level)
+
+
 def seeded_difference(
     after_runs: Sequence[Sequence[float]], before_runs: Sequence[Sequence[float]], statistic: str = "mean",
     threshold: float = 0.5, level: float = LEVEL, seed: int = 0,

@@ -15,6 +15,7 @@ from safetybook.sae import (
     load_sae,
     mean_active,
     save_sae,
+    spliced_losses,
     train_sae,
 )
 
@@ -112,3 +113,27 @@ def test_scaling_an_sae_feature_moves_the_stream_by_its_decoder_row(tiny_model, 
     f = torch.relu(plain @ encoder[:, 2] + enc_bias[2])
     assert (f > 0).any(), "pick a feature that is active on this prompt"
     assert torch.allclose(edited, plain - f[..., None] * decoder[2], atol=1e-5)
+
+
+class _Exact(torch.nn.Module):
+    """A stand-in for an SAE whose reconstruction is perfect (or, with ``zero``, empty)."""
+
+    def __init__(self, zero: bool = False):
+        super().__init__()
+        self.zero = zero
+
+    def forward(self, x):
+        return (torch.zeros_like(x) if self.zero else x.clone()), None
+
+
+def test_spliced_loss_is_clean_for_a_perfect_reconstruction_and_zero_for_an_empty_one(tiny_model, tok):
+    from safetybook.models import chat_text
+
+    texts = [chat_text(tok, p) for p in ("How do I bake bread?", "How can I steal a bike?")]
+    perfect = spliced_losses(tiny_model, tok, _Exact(), 1, texts, start=3)
+    assert perfect["spliced"] == pytest.approx(perfect["clean"], rel=1e-5)
+    assert perfect["zero"] != pytest.approx(perfect["clean"], rel=1e-3), "zeroing the stream should change the loss"
+    assert perfect["recovered"] == pytest.approx(1.0, abs=1e-4)
+    empty = spliced_losses(tiny_model, tok, _Exact(zero=True), 1, texts, start=3)
+    assert empty["recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert empty["clean"] == pytest.approx(perfect["clean"]), "the hook is gone after each call"

@@ -129,3 +129,30 @@ def test_a_target_is_met_or_missed_only_when_the_whole_interval_is_on_one_side()
     assert target(Interval(0.02, 0.01, 0.03), 0.05, at_least=False) == "met"
     assert target(Interval(0.07, 0.06, 0.09), 0.05, at_least=False) == "missed"
     assert target(Interval(0.05, 0.036, 0.064), 0.05, at_least=False) == "open"
+
+
+def _edited(n: int, gain: float):
+    """Scores of ``n`` prompts before and after an edit that moves each by about ``gain``."""
+    before = RNG.random(n)
+    return before + gain + RNG.normal(0, 0.05, n), before
+
+
+def test_selectivity_is_the_target_gain_minus_the_mean_cost_gain_and_covers_it():
+    target, costs = _edited(36, 0.10), [_edited(24, 0.02), _edited(24, 0.06)]
+    s = stats.selectivity(target, costs)
+    gain = lambda pair: float(np.mean(pair[0] - pair[1]))
+    assert s.estimate == pytest.approx(gain(target) - (gain(costs[0]) + gain(costs[1])) / 2)
+    assert s.low < s.estimate < s.high
+    rate = _coverage(lambda i: stats.selectivity(_edited(36, 0.10), [_edited(24, 0.02), _edited(24, 0.06)], seed=i),
+                     0.06, trials=200)
+    assert 0.88 <= rate <= 0.99, f"selectivity interval covered {rate:.0%} of the time"
+
+
+def test_an_edit_that_moves_everything_alike_is_not_selective():
+    s = stats.selectivity(_edited(36, 0.1), [_edited(24, 0.1), _edited(24, 0.1)])
+    assert s.contains(0.0)
+    assert stats.selectivity(_edited(36, 0.0), [_edited(24, 0.1)]).high < 0, "raising only the others is negative"
+    with pytest.raises(ValueError):
+        stats.selectivity(_edited(36, 0.1), [])
+    with pytest.raises(ValueError):
+        stats.selectivity(_edited(36, 0.1), [(np.zeros(3), np.zeros(4))])
