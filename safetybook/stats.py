@@ -44,6 +44,10 @@ class Interval:
     def __str__(self) -> str:
         return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
+    def signed(self) -> str:
+        """A difference, signed, to three decimals: '+0.057 [+0.018, +0.103]'."""
+        return f"{self.estimate:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
     def points(self) -> str:
         """The interval of a share or a difference of shares, in percentage points: '-12 [-20, -4]'."""
         return f"{100 * self.estimate:+.0f} [{100 * self.low:+.0f}, {100 * self.high:+.0f}] points"

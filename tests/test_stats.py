@@ -118,6 +118,8 @@ def test_intervals_are_reproducible_and_print_in_points():
     assert stats.mean(x) == stats.mean(x)
     d = stats.Interval(-0.12, -0.2, -0.04)
     assert d.points() == "-12 [-20, -4] points"
+    assert d.signed() == "-0.120 [-0.200, -0.040]"
+    assert stats.Interval(0.057, 0.018, 0.103).signed() == "+0.057 [+0.018, +0.103]"
 
 
 def test_a_target_is_met_or_missed_only_when_the_whole_interval_is_on_one_side():
