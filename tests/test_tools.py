@@ -47,3 +47,14 @@ def test_no_chapter_types_a_tools_table_of_its_own():
 def test_an_unknown_stage_is_refused():
     with pytest.raises(DataError, match="unknown stage"):
         tools("deployment")
+
+
+def test_a_tool_that_runs_in_a_chapter_is_imported_there():
+    """A "yes" with a chapter claims that the chapter's code runs the package, not just names it."""
+    for r in tools():
+        if r["runs"] != "yes" or r["chapter"] is None or " " in r["install"]:
+            continue
+        module = r["install"].replace("-", "_")
+        cells = json.loads((ROOT / "chapters" / f"{r['chapter']}.ipynb").read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        assert re.search(rf"^\s*(import|from) {module}\b", code, re.MULTILINE), f"{r['tool']}: not imported in {r['chapter']}"
