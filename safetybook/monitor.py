@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .directions import PROBE_LAYER, Probe, choose_probe_layer, fit_probe, held_out_scores
-from .models import decoder_layers, encode_chats, generate, residual
+from .directions import PROBE_LAYER, Probe, choose_probe_layer, fit_probe, held_out_scores, request_start
+from .models import chat_text, decoder_layers, encode_chats, generate, residual
 
 #: What a blocked answer is replaced with.
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -58,13 +58,34 @@ def probe_generate(
     max_new_tokens: int = 24,
     every_token: bool = True,
     batch_size: int = 16,
+    reading: str = "last",
 ) -> list[Checked]:
     """Greedy generation watched by ``probe``: its score is read on the residual stream at
     ``probe.layer`` at the prompt's last token and (if ``every_token``) at each generated token;
-    the first time it exceeds ``threshold`` the answer stops and becomes ``REFUSAL``."""
+    the first time it exceeds ``threshold`` the answer stops and becomes ``REFUSAL``.
+
+    ``reading="last"`` reads the stream at the newest token; ``reading="mean"`` reads it averaged over
+    the request's tokens and the answer so far (``answer_activations``), as an answer monitor
+    (``fit_answer_monitor``) was trained."""
+    if reading not in ("last", "mean"):
+        raise ValueError(f"unknown reading {reading!r}: use last or mean")
     block = decoder_layers(model)[probe.layer]
     seen: dict[str, torch.Tensor] = {}
-    hook = block.register_forward_hook(lambda _m, _i, out: seen.__setitem__("h", residual(out)[:, -1]))
+    start_of_request = request_start(tok)
+
+    def read(_m, _i, out):
+        x = residual(out).float()
+        if reading == "last":
+            seen["h"] = x[:, -1]
+            return
+        if "sum" not in seen:  # the prompt's pass: sum over the request's tokens
+            seen["sum"] = (x * seen["request"][..., None]).sum(1)
+            seen["count"] = seen["request"].sum(1, keepdim=True).float()
+        else:  # one new token
+            seen["sum"], seen["count"] = seen["sum"] + x[:, -1], seen["count"] + 1
+        seen["h"] = seen["sum"] / seen["count"]
+
+    hook = block.register_forward_hook(read)
     results: list[Checked] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -72,6 +93,9 @@ def probe_generate(
             t0 = time.perf_counter()
             enc = encode_chats(tok, batch)
             mask = enc["attention_mask"]
+            seen.clear()
+            first = mask.shape[1] - mask.sum(-1) + start_of_request  # left padding: where each request begins
+            seen["request"] = torch.arange(mask.shape[1])[None] >= first[:, None]
             out = model(input_ids=enc["input_ids"], attention_mask=mask,
                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
             n = len(batch)
@@ -101,6 +125,104 @@ def probe_generate(
     finally:
         hook.remove()
     return results
+
+
+class _Enough(Exception):
+    """Raised by a hook once it has what it needs, to end the forward pass early."""
+
+
+@torch.no_grad()
+def answer_activations(
+    model: nn.Module, tok, prompts: list[str], answers: list[str], layer: int, batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """What a monitor reading the *answer so far* sees: for each prompt and its (re-tokenized) answer,
+    the residual stream after ``layer`` averaged over the request's tokens and the answer's first t
+    tokens, for t = 0 (the prompt alone, as ``directions.pooled_activations``) up to the whole answer.
+    One ``[1 + answer tokens, d_model]`` tensor per answer, from one teacher-forced forward pass:
+    a causal model's stream at a token does not depend on what comes after it, so this is what
+    ``probe_generate(..., reading="mean")`` reads step by step while it writes the same answer."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"one answer per prompt: {len(answers)} answers for {len(prompts)} prompts")
+    start = request_start(tok)
+    rows = []
+    for p, a in zip(prompts, answers):
+        prompt_ids = tok(chat_text(tok, p), add_special_tokens=False).input_ids
+        rows.append((prompt_ids + tok(a, add_special_tokens=False).input_ids, len(prompt_ids)))
+    block = decoder_layers(model)[layer]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_and_stop(_m, _i, out):  # the layers above ``layer`` are not needed: stop the pass here
+        seen["x"] = residual(out).float()
+        raise _Enough
+
+    hook = block.register_forward_hook(keep_and_stop)
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    try:
+        for begin in range(0, len(order), batch_size):
+            members = order[begin : begin + batch_size]
+            width = max(len(rows[i][0]) for i in members)
+            ids = torch.full((len(members), width), tok.pad_token_id)
+            mask = torch.zeros((len(members), width), dtype=torch.long)
+            for r, i in enumerate(members):
+                n = len(rows[i][0])
+                ids[r, width - n :], mask[r, width - n :] = torch.tensor(rows[i][0]), 1
+            try:
+                model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+            except _Enough:
+                pass
+            for r, i in enumerate(members):
+                ids_i, n_prompt = rows[i]
+                x = seen["x"][r, width - len(ids_i) + start :]  # from the request's first token to the end
+                running = x.cumsum(0) / torch.arange(1, len(x) + 1)[:, None]
+                out[i] = running[n_prompt - start - 1 :]
+    finally:
+        hook.remove()
+    return out
+
+
+@dataclass
+class AnswerMonitor:
+    """A probe on the answer so far (``answer_activations``) and the threshold above which it stops
+    an answer, at any of its steps."""
+
+    probe: Probe
+    threshold: float
+
+    def scores(self, acts: list[torch.Tensor]) -> list[np.ndarray]:
+        """The probe's probability at every step of every answer."""
+        return [self.probe.predict(a) for a in acts]
+
+    def blocked(self, acts: list[torch.Tensor]) -> np.ndarray:
+        """Whether each answer would have been stopped somewhere along the way."""
+        return np.array([s.max() > self.threshold for s in self.scores(acts)])
+
+
+def fit_answer_monitor(
+    acts: list[torch.Tensor], labels: np.ndarray, groups: list, negatives: np.ndarray, layer: int,
+    false_positive_rate: float = 0.05, folds: int = 5,
+) -> AnswerMonitor:
+    """An ``AnswerMonitor`` from train answers: a ``fit_probe`` on every step of every answer
+    (``acts`` from ``answer_activations``; each step labelled as its prompt), and a threshold that
+    would have stopped ``false_positive_rate`` of the ``negatives`` answers (a boolean mask) at some
+    step. Those answers are scored by probes refit in ``folds`` folds grouped by ``groups``, so that
+    no answer is scored by a probe that saw it or its twin."""
+    from sklearn.model_selection import GroupKFold
+
+    labels, negatives = np.asarray(labels, bool), np.asarray(negatives, bool)
+    if not len(acts) == len(labels) == len(groups) == len(negatives):
+        raise ValueError("one label, group and negative flag per answer")
+
+    def fit(rows) -> Probe:
+        return fit_probe(layer, torch.cat([acts[i] for i in rows if labels[i]]),
+                         torch.cat([acts[i] for i in rows if not labels[i]]))
+
+    highest = np.zeros(len(acts))
+    for train, held in GroupKFold(folds).split(labels, labels, groups):
+        probe = fit(train)
+        highest[held] = [probe.predict(acts[i]).max() for i in held]
+    threshold = float(np.quantile(highest[negatives], 1 - false_positive_rate))
+    return AnswerMonitor(fit(range(len(acts))), threshold)
 
 
 def held_out_threshold(acts: torch.Tensor, labels: np.ndarray, groups: list, layer: int,

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from safetybook.directions import fit_probe, last_token_activations
+from safetybook.directions import fit_probe, last_token_activations, prompt_activations, request_start
 from safetybook.models import generate
 from safetybook.monitor import (
     REFUSAL,
+    answer_activations,
     checked_generate,
+    fit_answer_monitor,
     holdout_monitor,
     keyword_score,
     probe_generate,
@@ -181,3 +183,62 @@ def test_the_text_classifier_learns_words_and_takes_its_regularization():
     assert model.named_steps["logisticregression"].C == 10.0
     p = model.predict_proba(["steal a boat", "wash a boat"])[:, 1]
     assert p[0] > 0.5 > p[1]
+
+
+@pytest.fixture(scope="module")
+def answered(tiny_model, tok):
+    """The tiny model's own greedy answers to REFUSE + COMPLY, and their answer-so-far activations at layer 1."""
+    prompts = REFUSE + COMPLY
+    answers = generate(tiny_model, tok, prompts, max_new_tokens=6)
+    return prompts, answers, answer_activations(tiny_model, tok, prompts, answers, layer=1, batch_size=4)
+
+
+def test_answer_so_far_starts_with_the_pooled_prompt(tiny_model, tok, answered):
+    prompts, answers, acts = answered
+    pooled = prompt_activations(tiny_model, tok, prompts, [1])["mean"][0]
+    for i, a in enumerate(acts):
+        assert a.shape == (1 + len(tok(answers[i], add_special_tokens=False).input_ids), tiny_model.config.hidden_size)
+        assert torch.allclose(a[0], pooled[i], atol=1e-5), "step 0 is the prompt alone, pooled over the request"
+
+
+def test_answer_so_far_is_the_running_mean_of_one_unpadded_pass(tiny_model, tok, answered):
+    from safetybook.models import chat_text, decoder_layers, residual
+
+    prompts, answers, acts = answered
+    i = 1
+    prompt_ids = tok(chat_text(tok, prompts[i]), add_special_tokens=False).input_ids
+    ids = prompt_ids + tok(answers[i], add_special_tokens=False).input_ids
+    kept = {}
+    hook = decoder_layers(tiny_model)[1].register_forward_hook(lambda m, a, o: kept.__setitem__("x", residual(o)))
+    with torch.no_grad():
+        tiny_model(input_ids=torch.tensor([ids]))
+    hook.remove()
+    x, start = kept["x"][0].float(), request_start(tok)
+    for t in (0, 2, len(ids) - len(prompt_ids)):
+        by_hand = x[start : len(prompt_ids) + t].mean(0)
+        assert torch.allclose(acts[i][t], by_hand, atol=1e-5), t
+
+
+def test_the_mean_reading_during_generation_is_the_answer_so_far(tiny_model, tok, answered):
+    prompts, _, acts = answered
+    probe = fit_probe(1, torch.cat(acts[: len(REFUSE)]), torch.cat(acts[len(REFUSE) :]), c=10.0)
+    rows = probe_generate(tiny_model, tok, prompts, probe, math.inf, max_new_tokens=6, reading="mean", batch_size=4)
+    assert [r.monitor_score for r in rows] == pytest.approx([probe.predict(a).max() for a in acts], abs=1e-4)
+    at_prompt = probe_generate(tiny_model, tok, prompts, probe, math.inf, max_new_tokens=6, reading="mean",
+                               every_token=False)
+    assert [r.monitor_score for r in at_prompt] == pytest.approx([probe.predict(a[:1])[0] for a in acts], abs=1e-4)
+    with pytest.raises(ValueError, match="unknown reading"):
+        probe_generate(tiny_model, tok, prompts, probe, math.inf, reading="max")
+
+
+def test_answer_monitor_threshold_comes_from_held_out_negatives(answered):
+    prompts, _, acts = answered
+    labels = np.array([True] * len(REFUSE) + [False] * len(COMPLY))
+    groups = list(range(len(prompts)))
+    strict = fit_answer_monitor(acts, labels, groups, ~labels, layer=1, false_positive_rate=0.0, folds=3)
+    loose = fit_answer_monitor(acts, labels, groups, ~labels, layer=1, false_positive_rate=0.5, folds=3)
+    assert loose.threshold <= strict.threshold
+    assert strict.probe.weight == loose.probe.weight, "the final probe sees every answer, whatever the rate"
+    assert strict.blocked(acts).tolist() == [s.max() > strict.threshold for s in strict.scores(acts)]
+    with pytest.raises(ValueError, match="one label"):
+        fit_answer_monitor(acts, labels[:-1], groups, ~labels, layer=1)
