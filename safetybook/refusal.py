@@ -109,12 +109,13 @@ def opening_tree(tok) -> OpeningTree:
                        torch.tensor([len(p) - 1 for p in prefixes]), sees, nodes, targets, owners)
 
 
-def opening_logprobs(model: nn.Module, tree: OpeningTree, first_logits: torch.Tensor, cache, past_mask: torch.Tensor):
-    """log P(each refusal opening) ``[batch, opening]`` after a batch of prompts, from the prompts'
-    last logits ``[batch, vocab]``, their key-value ``cache`` and the attention mask it lines up with
-    ``[batch, past]`` (1: a real token). One forward step feeds every node of ``tree``."""
+def opening_distributions(model: nn.Module, tree: OpeningTree, first_logits: torch.Tensor, cache,
+                          past_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token logits along the refusal openings after a batch of prompts: after the prompt
+    ``[batch, vocab]`` and after each node of ``tree`` ``[batch, node, vocab]``. From the
+    prompts' last logits, their key-value ``cache`` and the attention mask it lines up with
+    ``[batch, past]`` (1: a real token); one forward step feeds every node."""
     batch, n = past_mask.shape[0], len(tree.tokens)
-    total = first_logits.float().log_softmax(-1)[:, tree.first]
     dtype = next(model.parameters()).dtype
     allowed = torch.cat([past_mask.bool()[:, None, None, :].expand(batch, 1, n, -1),
                          tree.sees[None, None].expand(batch, 1, n, n)], dim=-1)
@@ -122,8 +123,67 @@ def opening_logprobs(model: nn.Module, tree: OpeningTree, first_logits: torch.Te
     positions = past_mask.sum(-1, keepdim=True) + tree.depth
     logits = model(input_ids=tree.tokens.expand(batch, n), attention_mask=mask, position_ids=positions,
                    cache=cache, use_cache=True).logits
-    logp = logits.float().log_softmax(-1)[:, tree.nodes, tree.targets]  # [batch, later token]
-    return total.index_add(1, tree.owners, logp)
+    return first_logits.float(), logits.float()
+
+
+def openings_from(tree: OpeningTree, first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+    """log P(each refusal opening) ``[batch, opening]`` from the log-probabilities after the prompt
+    ``[batch, vocab]`` and after each node ``[batch, node, vocab]``."""
+    return first[:, tree.first].index_add(1, tree.owners, later[:, tree.nodes, tree.targets])
+
+
+def opening_logprobs(model: nn.Module, tree: OpeningTree, first_logits: torch.Tensor, cache, past_mask: torch.Tensor):
+    """log P(each refusal opening) ``[batch, opening]`` after a batch of prompts, from the prompts'
+    last logits ``[batch, vocab]``, their key-value ``cache`` and the attention mask it lines up with
+    ``[batch, past]`` (1: a real token). One forward step feeds every node of ``tree``."""
+    first, later = opening_distributions(model, tree, first_logits, cache, past_mask)
+    return openings_from(tree, first.log_softmax(-1), later.log_softmax(-1))
+
+
+def contrast(original: torch.Tensor, expert: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SafeDecoding's next-token distribution (Xu et al., 2024), from two models' logits
+    ``[..., vocab]``: ``p_original + alpha * (p_expert - p_original)``, its negative parts cut to zero
+    and renormalized, as log-probabilities. ``alpha = 1`` gives the expert; ``alpha > 1`` pushes past
+    it, away from the original. (SafeDecoding also keeps only tokens in both models' top k; here
+    every token is kept, so that whole refusal openings can be scored.)"""
+    o, e = original.double().softmax(-1), expert.double().softmax(-1)  # double: sums over the whole vocabulary
+    p = (o + alpha * (e - o)).clamp(min=0)
+    return (p / p.sum(-1, keepdim=True)).log().float()
+
+
+def sharpened(logits: torch.Tensor, power: float) -> torch.Tensor:
+    """One model's distribution (from its logits) raised to ``power`` and renormalized (temperature
+    ``1 / power``), as log-probabilities: the same push as ``contrast`` without a second model, its
+    control."""
+    return (logits.double() * power).log_softmax(-1).float()
+
+
+@torch.no_grad()
+def contrast_refusal_score(
+    expert: nn.Module, original: nn.Module | None, tok, prompts: list[str], alpha: float, batch_size: int = 8,
+) -> list[float]:
+    """``refusal_score`` when every token of the refusal openings is drawn from ``contrast(original,
+    expert, alpha)``: a SafeDecoding-style contrast over the first answer tokens, as far as the
+    openings reach. With ``original=None`` the control: ``sharpened(expert, alpha)``."""
+    from .models import encode_chats
+
+    tree = opening_tree(tok)
+    order = by_length(tok, prompts)
+    out = torch.zeros(len(prompts))
+    for start in range(0, len(prompts), batch_size):
+        members = order[start : start + batch_size]
+        enc = encode_chats(tok, [prompts[i] for i in members])
+        read = []
+        for model in (expert, original) if original is not None else (expert,):
+            o, mask = prompt_forward(model, enc)
+            read.append(opening_distributions(model, tree, o.logits[:, -1], o.cache, mask))
+        if original is None:
+            first, later = (sharpened(x, alpha) for x in read[0])
+        else:
+            (e_first, e_later), (o_first, o_later) = read
+            first, later = contrast(o_first, e_first, alpha), contrast(o_later, e_later, alpha)
+        out[members] = openings_from(tree, first, later).exp().sum(-1).clamp(0, 1)
+    return out.tolist()
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ from safetybook.models import chat_text, generate, has_hooks
 from safetybook.refusal import (
     REFUSAL_OPENINGS,
     answer_nll,
+    contrast,
+    contrast_refusal_score,
     is_refusal_text,
     opening_ids,
     refusal_score,
@@ -250,3 +252,37 @@ def test_cost_by_position_adds_up_to_the_cost_and_reads_the_end_of_turn(tiny_mod
     assert max(same["kl"]) < 1e-4
     assert same["answer"] == pytest.approx(same["base_answer"], abs=1e-4)
     assert out["answer"] != pytest.approx(same["answer"], abs=1e-3), "the edit moves the answer tokens' odds"
+
+
+def test_contrast_pushes_past_the_expert_and_stays_a_distribution():
+    original, expert = torch.tensor([[0.5, 0.3, 0.2]]).log(), torch.tensor([[0.7, 0.2, 0.1]]).log()  # as logits
+    assert torch.allclose(contrast(original, expert, 1.0).exp(), expert.exp(), atol=1e-6)
+    assert torch.allclose(contrast(original, expert, 0.0).exp(), original.exp(), atol=1e-6)
+    pushed = contrast(original, expert, 3.0).exp()  # 0.5 + 3 * (0.2, -0.1, -0.1) -> (1.1, 0, 0)
+    assert torch.allclose(pushed, torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(contrast(original, expert, 1.5).exp().sum(-1), torch.ones(1))
+
+
+@pytest.fixture(scope="module")
+def other_model(tok):
+    """An untrained model of the tiny model's shape: an 'original' that never learnt to refuse."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_contrast_score_reduces_to_each_model_and_to_its_control(tiny_model, other_model, tok):
+    prompts = REFUSE + COMPLY
+    expert, original = refusal_score(tiny_model, tok, prompts), refusal_score(other_model, tok, prompts)
+    # the contrast works in double precision; refusal_score's float32 log-softmax is good to about 1e-4 here
+    close = {"abs": 3e-4}
+    assert contrast_refusal_score(tiny_model, other_model, tok, prompts, 1.0) == pytest.approx(expert, **close)
+    assert contrast_refusal_score(tiny_model, other_model, tok, prompts, 0.0) == pytest.approx(original, **close)
+    assert contrast_refusal_score(tiny_model, None, tok, prompts, 1.0) == pytest.approx(expert, **close)
+    pushed = contrast_refusal_score(tiny_model, other_model, tok, prompts, 2.0, batch_size=2)
+    # the expert refuses REFUSE and the untrained original does not: pushing past the expert refuses them more
+    assert all(p >= e - 1e-6 for p, e in zip(pushed[: len(REFUSE)], expert[: len(REFUSE)]))
