@@ -234,10 +234,6 @@ def choose_gate(positive: torch.Tensor, negative: torch.Tensor, groups: list, fo
     return Gate(probe, float(threshold), [float(c) for c in cv], balanced)
 
 
-#: The layer the book's harmfulness probe reads: the CLI's guard and the inference chapter's steering gate.
-PROBE_LAYER = 18
-
-
 @dataclass
 class RefusalDirection:
     """The refusal direction of a model and how the book applies it.

@@ -14,15 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .directions import PROBE_LAYER, Probe, choose_probe_layer, fit_probe, held_out_scores, request_start
+from .directions import Probe, choose_probe_layer, fit_probe, held_out_scores, request_start
 from .models import chat_text, decoder_layers, encode_chats, generate, residual
 
 #: What a blocked answer is replaced with.
 REFUSAL = "I'm sorry, but I can't help with that."
-
-#: The monitor reads the book's harmfulness probe at its layer (chosen by grouped cross-validation
-#: on the train split), so the monitor, the guard CLI and the inference chapter share one probe.
-MONITOR_LAYER = PROBE_LAYER
 
 #: Words a naive output filter blocks on (matched as whole words in prompt or answer).
 KEYWORDS: tuple[str, ...] = (

@@ -9,7 +9,7 @@ tiny one.
   ``"repaired"`` (its attribution-guided repair), ``"control"`` (the repair's random-removal control),
   or a hub id with a ``/`` (needs network; never used by the book itself);
 - artifacts: the guard (``guard``, a probe on the request's mean activation), the last-token
-  harmfulness probe (``harm_probe``) and the generation monitor's threshold
+  harmfulness probe (``harm_probe``), its layer (``monitor_layer``) and the generation monitor's threshold
   (``probe_threshold``), the refusal direction (``refusal_direction``) and the condition of
   conditional steering (``condition_gate``).
 """
@@ -29,20 +29,20 @@ from .directions import (
     ADD_TARGET,
     CANDIDATE_LAYERS,
     COEFFICIENTS,
-    PROBE_LAYER,
     Gate,
     Probe,
     RefusalDirection,
     choose_gate,
+    choose_probe_layer,
     fit_probe,
     prompt_activations,
 )
 from .interventions import select_refusal_direction
 from .models import LOADED, TOKENIZERS, ModelError, fingerprint, load_base, tokenizer_for, unload_model
-from .monitor import MONITOR_LAYER, held_out_threshold
+from .monitor import held_out_threshold
 
-__all__ = ["LOCAL_NAMES", "READINGS", "condition_gate", "guard", "harm_probe", "load_model", "load_run", "monitor_probe",
-           "probe_activations", "probe_threshold", "recipe", "refusal_direction", "unload_model"]
+__all__ = ["LOCAL_NAMES", "READINGS", "condition_gate", "guard", "harm_probe", "load_model", "load_run", "monitor_layer",
+           "monitor_probe", "probe_activations", "probe_threshold", "recipe", "refusal_direction", "unload_model"]
 
 LOCAL_NAMES = ("base", "tuned", "repaired", "control")
 
@@ -175,10 +175,35 @@ def probe_activations(model_name: str, reading: str = "last") -> tuple[torch.Ten
     return saved[f"{reading}/positive"], saved[f"{reading}/negative"]
 
 
-def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
-    """The book's harmfulness probe at ``layer`` of ``model_name``: harmful train prompts, plain and
-    jailbreak-wrapped, against harmless ones (plain and wrapped, so that the wrapper alone is no
-    cue) and borderline ones. Trained once, cached as JSON (never pickle)."""
+def probe_layer_choice(model_name: str = "base") -> tuple[int, list[float]]:
+    """The layer of the book's last-token harmfulness probe on ``model_name``, and every layer's
+    cross-validated balanced accuracy: the best layer by ``directions.choose_probe_layer`` (five folds
+    grouped by prompt pair, ``probe_groups``) on the probe's train rows. Chosen once, cached as JSON."""
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
+    positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
+    weights = _weights_key(model_name)
+    key = digest(positive, negative) if not weights else digest(positive, negative, weights)
+    path = cache_dir("probes") / f"layer-{model_name}-{key}.json"
+    cached = read_json(path)
+    if cached is not None:
+        return cached["layer"], cached["cv_accuracy"]
+    with computing(f"the harmfulness probe's layer for '{model_name}'"):
+        layer, cv = choose_probe_layer(*probe_activations(model_name, "last"), probe_groups())
+        write_json(path, {"layer": layer, "cv_accuracy": [float(c) for c in cv]})
+    return layer, [float(c) for c in cv]
+
+
+def monitor_layer(model_name: str = "base") -> int:
+    """The layer the generation monitor's probe reads (``probe_layer_choice``), chosen on train."""
+    return probe_layer_choice(model_name)[0]
+
+
+def harm_probe(model_name: str = "base", layer: int | None = None) -> Probe:
+    """The book's harmfulness probe at ``layer`` of ``model_name`` (default: ``monitor_layer``, chosen
+    on train): harmful train prompts, plain and jailbreak-wrapped, against harmless ones (plain and
+    wrapped, so that the wrapper alone is no cue) and borderline ones. Trained once, cached as JSON
+    (never pickle)."""
+    layer = monitor_layer(model_name) if layer is None else layer
     harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
     positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
     weights = _weights_key(model_name)
@@ -194,10 +219,11 @@ def harm_probe(model_name: str = "base", layer: int = PROBE_LAYER) -> Probe:
     return probe
 
 
-def probe_threshold(model_name: str = "base", layer: int = MONITOR_LAYER, false_positive_rate: float = 0.05) -> float:
-    """The monitor's threshold for ``harm_probe(model_name, layer)``: it flags ``false_positive_rate``
-    of harmless train prompts (plain and wrapped), scored by probes that did not see them
-    (``monitor.held_out_threshold``). Computed once, cached as JSON."""
+def probe_threshold(model_name: str = "base", layer: int | None = None, false_positive_rate: float = 0.05) -> float:
+    """The monitor's threshold for ``harm_probe(model_name, layer)`` (default layer: ``monitor_layer``):
+    it flags ``false_positive_rate`` of harmless train prompts (plain and wrapped), scored by probes
+    that did not see them (``monitor.held_out_threshold``). Computed once, cached as JSON."""
+    layer = monitor_layer(model_name) if layer is None else layer
     harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
     positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
     path = cache_dir("probes") / f"threshold-{model_name}-L{layer}-{false_positive_rate}-{digest(positive, negative)}.json"
@@ -218,7 +244,8 @@ def probe_threshold(model_name: str = "base", layer: int = MONITOR_LAYER, false_
 
 def monitor_probe(model_name: str = "base") -> tuple[Probe, float]:
     """The latent monitor's probe and threshold for ``model_name`` (for ``monitor.checked_generate``)."""
-    return harm_probe(model_name, MONITOR_LAYER), probe_threshold(model_name, MONITOR_LAYER)
+    layer = monitor_layer(model_name)
+    return harm_probe(model_name, layer), probe_threshold(model_name, layer)
 
 
 def refusal_direction(model_name: str = "tuned", n_select: int = 32, target: float = ADD_TARGET) -> RefusalDirection:
