@@ -35,6 +35,8 @@ from glued import GLUE, glued_text, read_glue
 
 CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
 DOC = re.compile(r"\{doc\}`([^`]+)`")
+REF = re.compile(r"\{ref\}`([^`<]+?)(?:\s*<[^`>]+>)?`")  # {ref}`text <label>` or {ref}`label`: the text
+TARGET = re.compile(r"^\([\w-]+\)=[ \t]*\n", re.MULTILINE)  # a MyST label line, "(name)="
 EXERCISE = re.compile(r"```\{exercise\}[^\n]*\n((?::[\w-]+:[^\n]*\n)*)(.*?)\n```", re.DOTALL)
 SOLUTION_START = re.compile(r"```\{solution-start\}\s*(\S*)[^\n]*\n(?::[\w-]+:[^\n]*\n)*```")
 SOLUTION_END = re.compile(r"```\{solution-end\}[^\n]*\n(?::[\w-]+:[^\n]*\n)*```")
@@ -91,6 +93,7 @@ def plain_markdown(text: str, glue: dict, bib: dict, titles: dict[str, str], cit
     text = GLUE.sub(glued, text)
     text = CITE.sub(cite, text)
     text = DOC.sub(doc, text)
+    text = REF.sub(lambda m: m.group(1).strip(), TARGET.sub("", text))
     return ADMONITION.sub(lambda m: "\n".join("> " + line for line in
                                               [f"**{m.group(1).capitalize()}.** " + m.group(2).split("\n")[0],
                                                *m.group(2).split("\n")[1:]]), text)

@@ -28,7 +28,7 @@ def _nb(*cells):
 
 FIXTURE = _nb(
     ("markdown", ("# A chapter\n\nThe survey {cite}`lee2025interpretation,arditi2024refusal` says so; see {doc}`01_training`\n"
-                 "and {doc}`../references`.")),
+                 "and {doc}`../references`, and {ref}`the last section <last-one>`.")),
     ("code", "x = 1"),
     ("markdown", ("The gain is {glue:text}`gain:.2f` ({glue:text}`gain:+.1%`): **{glue:text}`verdict`**.\n\n"
                  "```{note}\n**Cut to run fast.** Fixed samples.\n```")),
@@ -37,7 +37,7 @@ FIXTURE = _nb(
                  "```{solution-start} ex-one\n:class: dropdown\n```\nThe idea first.")),
     ("code", "answer = 42"),
     ("markdown", "It works.\n\n```{solution-end}\n```\n\nProse after the solution."),
-    ("markdown", "## Summary\n\n- {glue:text}`missing_key` stays visible."),
+    ("markdown", "(last-one)=\n## Summary\n\n- {glue:text}`missing_key` stays visible."),
 )
 
 
@@ -53,6 +53,7 @@ def test_the_edition_has_no_myst_markup_and_the_build_values():
     assert "The gain is 0.12 (+12.3%): **no clear effect**." in body
     assert "([Lee et al., 2025](#cite-lee2025interpretation); [Arditi et al., 2024](#cite-arditi2024refusal))" in body
     assert "[Training stage: attribution](01_training.ipynb)" in body and "the book's references" in body
+    assert "and the last section." in body and "(last-one)=" not in body, "a reference keeps its text, a label goes"
     assert "> **Note.** **Cut to run fast.**" in body
     assert "[missing_key: run the notebook]" in body, "a value the build did not glue must show, not vanish"
     assert all(c.get("outputs") == [] for c in nb["cells"] if c["cell_type"] == "code"), "outputs are dropped"
