@@ -175,14 +175,19 @@ def probe_activations(model_name: str, reading: str = "last") -> tuple[torch.Ten
     return saved[f"{reading}/positive"], saved[f"{reading}/negative"]
 
 
+def _probe_key(model_name: str) -> str:
+    """What the probe's cached artifacts depend on: its train prompts and ``model_name``'s weights."""
+    harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
+    positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
+    weights = _weights_key(model_name)
+    return digest(positive, negative) if not weights else digest(positive, negative, weights)
+
+
 def probe_layer_choice(model_name: str = "base") -> tuple[int, list[float]]:
     """The layer of the book's last-token harmfulness probe on ``model_name``, and every layer's
     cross-validated balanced accuracy: the best layer by ``directions.choose_probe_layer`` (five folds
     grouped by prompt pair, ``probe_groups``) on the probe's train rows. Chosen once, cached as JSON."""
-    harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
-    positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
-    weights = _weights_key(model_name)
-    key = digest(positive, negative) if not weights else digest(positive, negative, weights)
+    key = _probe_key(model_name)
     path = cache_dir("probes") / f"layer-{model_name}-{key}.json"
     cached = read_json(path)
     if cached is not None:
@@ -204,10 +209,7 @@ def harm_probe(model_name: str = "base", layer: int | None = None) -> Probe:
     wrapped, so that the wrapper alone is no cue) and borderline ones. Trained once, cached as JSON
     (never pickle)."""
     layer = monitor_layer(model_name) if layer is None else layer
-    harmful, harmless, border, harmful_wrapped, harmless_wrapped = probe_sets()
-    positive, negative = harmful + harmful_wrapped, harmless + harmless_wrapped + border
-    weights = _weights_key(model_name)
-    key = digest(positive, negative) if not weights else digest(positive, negative, weights)
+    key = _probe_key(model_name)
     path = cache_dir("probes") / f"harm-{model_name}-L{layer}-{key}.json"
     cached = read_json(path)
     if cached is not None:
