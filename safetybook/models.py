@@ -285,14 +285,16 @@ def generate(
     prompts: list[str],
     max_new_tokens: int = 40,
     system: str | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
 ) -> list[str]:
     """Greedy answers to ``prompts``, in their order. For harmful prompts, show them only via
     ``display.truncate``.
 
     The same tokens as ``model.generate(do_sample=False)``, in a loop of its own: prompts are batched
     by length (little padding), their shared chat opening runs once per batch (``prompt_forward``),
-    and a batch stops as soon as every answer has ended.
+    and a batch stops as soon as every answer has ended. 32 prompts a batch answered 64 prompts in
+    10 s against 12 s at 16 (24 tokens, 2 cores), with the same tokens; the key-value cache of 32
+    answers of 40 tokens takes about 130 MB.
     """
     ends = _end_ids(model, tok)
     order = by_length(tok, prompts)

@@ -146,9 +146,9 @@ def contrast(original: torch.Tensor, expert: torch.Tensor, alpha: float) -> torc
     and renormalized, as log-probabilities. ``alpha = 1`` gives the expert; ``alpha > 1`` pushes past
     it, away from the original. (SafeDecoding also keeps only tokens in both models' top k; here
     every token is kept, so that whole refusal openings can be scored.)"""
-    o, e = original.double().softmax(-1), expert.double().softmax(-1)  # double: sums over the whole vocabulary
-    p = (o + alpha * (e - o)).clamp(min=0)
-    return (p / p.sum(-1, keepdim=True)).log().float()
+    o, p = original.double().softmax(-1), expert.double().softmax(-1)  # double: sums over the whole vocabulary
+    p.sub_(o).mul_(alpha).add_(o).clamp_(min=0)  # in place: two vocabulary-wide tensors at a time, not six
+    return p.div_(p.sum(-1, keepdim=True)).log_().float()
 
 
 def sharpened(logits: torch.Tensor, power: float) -> torch.Tensor:
@@ -159,12 +159,45 @@ def sharpened(logits: torch.Tensor, power: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def contrast_refusal_scores(
+    expert: nn.Module, original: nn.Module, tok, prompts: list[str], alphas: tuple[float, ...], batch_size: int = 8,
+) -> dict[str, dict[float, list[float]]]:
+    """``refusal_score`` under SafeDecoding-style decoding, for every strength in ``alphas`` at once:
+    ``{"contrast": {alpha: scores}, "sharpened": {alpha: scores}}``. "contrast" draws every token of
+    the refusal openings from ``contrast(original, expert, alpha)``; "sharpened", its control, from
+    ``sharpened(expert, alpha)``. Each model reads each prompt once, whatever the number of strengths.
+    Batches stay at 8: both models are loaded, and at 16 their vocabulary-wide tensors put 02's kernel
+    about 100 MB higher, against Binder's 2 GB."""
+    from .models import encode_chats
+
+    tree = opening_tree(tok)
+    order = by_length(tok, prompts)
+    out = {kind: {a: torch.zeros(len(prompts)) for a in alphas} for kind in ("contrast", "sharpened")}
+    for start in range(0, len(prompts), batch_size):
+        members = order[start : start + batch_size]
+        enc = encode_chats(tok, [prompts[i] for i in members])
+        read = []
+        for model in (expert, original):
+            o, mask = prompt_forward(model, enc)
+            read.append(opening_distributions(model, tree, o.logits[:, -1], o.cache, mask))
+            del o
+        (e_first, e_later), (o_first, o_later) = read
+        for a in alphas:
+            pushed = contrast(o_first, e_first, a), contrast(o_later, e_later, a)
+            out["contrast"][a][members] = openings_from(tree, *pushed).exp().sum(-1).clamp(0, 1)
+            out["sharpened"][a][members] = openings_from(tree, sharpened(e_first, a), sharpened(e_later, a)).exp().sum(-1).clamp(0, 1)
+    return {kind: {a: v.tolist() for a, v in by_alpha.items()} for kind, by_alpha in out.items()}
+
+
+@torch.no_grad()
 def contrast_refusal_score(
     expert: nn.Module, original: nn.Module | None, tok, prompts: list[str], alpha: float, batch_size: int = 8,
 ) -> list[float]:
     """``refusal_score`` when every token of the refusal openings is drawn from ``contrast(original,
     expert, alpha)``: a SafeDecoding-style contrast over the first answer tokens, as far as the
     openings reach. With ``original=None`` the control: ``sharpened(expert, alpha)``."""
+    if original is not None:
+        return contrast_refusal_scores(expert, original, tok, prompts, (alpha,), batch_size)["contrast"][alpha]
     from .models import encode_chats
 
     tree = opening_tree(tok)
@@ -172,16 +205,8 @@ def contrast_refusal_score(
     out = torch.zeros(len(prompts))
     for start in range(0, len(prompts), batch_size):
         members = order[start : start + batch_size]
-        enc = encode_chats(tok, [prompts[i] for i in members])
-        read = []
-        for model in (expert, original) if original is not None else (expert,):
-            o, mask = prompt_forward(model, enc)
-            read.append(opening_distributions(model, tree, o.logits[:, -1], o.cache, mask))
-        if original is None:
-            first, later = (sharpened(x, alpha) for x in read[0])
-        else:
-            (e_first, e_later), (o_first, o_later) = read
-            first, later = contrast(o_first, e_first, alpha), contrast(o_later, e_later, alpha)
+        o, mask = prompt_forward(expert, encode_chats(tok, [prompts[i] for i in members]))
+        first, later = (sharpened(x, alpha) for x in opening_distributions(expert, tree, o.logits[:, -1], o.cache, mask))
         out[members] = openings_from(tree, first, later).exp().sum(-1).clamp(0, 1)
     return out.tolist()
 
@@ -192,7 +217,7 @@ def refusal_score(
     tok,
     prompts: list[str],
     system: str | None = None,
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> list[float]:
     """P(the answer opens with a refusal) for each prompt, in [0, 1].
 
@@ -201,14 +226,15 @@ def refusal_score(
     Whole openings matter: "I" alone also starts many helpful answers. The prompt is run once; one
     more step reads every opening's later tokens from its key-value cache (``OpeningTree``). Prompts
     are batched by length, so that batches carry little padding; each score is the same whatever
-    batch it falls in.
+    batch it falls in. 32 prompts a batch scored 144 test prompts in 8.5 s against 12 s at 8 (2 cores);
+    the opening step's logits then take 50 MB.
     """
     return opening_probabilities(model, tok, prompts, system, batch_size).sum(-1).clamp(0, 1).tolist()
 
 
 @torch.no_grad()
 def opening_probabilities(
-    model: nn.Module, tok, prompts: list[str], system: str | None = None, batch_size: int = 8
+    model: nn.Module, tok, prompts: list[str], system: str | None = None, batch_size: int = 32
 ) -> torch.Tensor:
     """P(the answer opens with each of ``REFUSAL_OPENINGS``) ``[prompt, opening]``: the terms that
     ``refusal_score`` adds up."""

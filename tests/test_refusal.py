@@ -12,6 +12,7 @@ from safetybook.refusal import (
     answer_nll,
     contrast,
     contrast_refusal_score,
+    contrast_refusal_scores,
     is_refusal_text,
     opening_ids,
     refusal_score,
@@ -286,3 +287,12 @@ def test_contrast_score_reduces_to_each_model_and_to_its_control(tiny_model, oth
     pushed = contrast_refusal_score(tiny_model, other_model, tok, prompts, 2.0, batch_size=2)
     # the expert refuses REFUSE and the untrained original does not: pushing past the expert refuses them more
     assert all(p >= e - 1e-6 for p, e in zip(pushed[: len(REFUSE)], expert[: len(REFUSE)]))
+
+
+def test_every_strength_at_once_matches_one_at_a_time(tiny_model, other_model, tok):
+    prompts = REFUSE + COMPLY
+    both = contrast_refusal_scores(tiny_model, other_model, tok, prompts, (0.5, 2.0), batch_size=3)
+    for a in (0.5, 2.0):
+        assert both["contrast"][a] == pytest.approx(contrast_refusal_score(tiny_model, other_model, tok, prompts, a), abs=1e-6)
+        assert both["sharpened"][a] == pytest.approx(contrast_refusal_score(tiny_model, None, tok, prompts, a), abs=1e-6)
+    assert both["contrast"][0.5] != pytest.approx(both["contrast"][2.0], abs=1e-3)  # the strengths are not mixed up
