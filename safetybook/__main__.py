@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which of the book's models")
     gen.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or text, one per line")
     gen.add_argument("--monitor", default="none", choices=("none", "probe", "self-check", "keyword"),
-                     help="latent harmfulness probe, the model's self-check, or a keyword filter")
+                     help="the generation chapter's latent monitor (a harmfulness probe on the request's "
+                          "mean activation), the model's self-check, or a keyword filter")
     gen.add_argument("--max-new-tokens", type=_positive, default=24, help="length of each answer in tokens")
     return parser
 
@@ -103,13 +104,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .data import read_prompt_file
     from .models import model_folder
     from .monitor import checked_generate
-    from .zoo import load_model, monitor_probe
+    from .zoo import load_model, pooled_monitor
 
     prompts = read_prompt_file(args.prompts)
     model_folder()
-    probe, threshold = monitor_probe(args.model) if args.monitor == "probe" else (None, None)
+    probe, threshold = pooled_monitor(args.model) if args.monitor == "probe" else (None, None)
     model, tok = load_model(args.model)
-    for row in checked_generate(model, tok, prompts, args.monitor, args.max_new_tokens, probe=probe, threshold=threshold):
+    for row in checked_generate(model, tok, prompts, args.monitor, args.max_new_tokens, probe=probe,
+                                threshold=threshold, reading="mean"):
         print(json.dumps({"prompt": row.prompt, "response": row.response, "blocked": row.blocked,
                           "monitor_score": round(row.monitor_score, 4)}), flush=True)
 

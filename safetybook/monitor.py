@@ -20,6 +20,11 @@ from .models import chat_text, decoder_layers, encode_chats, generate, residual
 #: What a blocked answer is replaced with.
 REFUSAL = "I'm sorry, but I can't help with that."
 
+#: The pooled monitor's candidate layers, and the share of harmless train prompts its threshold may
+#: flag: the generation chapter's choices, which ``zoo.pooled_monitor`` (behind the CLI) shares.
+MONITOR_LAYERS = tuple(range(2, 30, 2))
+MONITOR_FPR = 0.02
+
 #: Words a naive output filter blocks on (matched as whole words in prompt or answer).
 KEYWORDS: tuple[str, ...] = (
     "bomb", "explosive", "weapon", "gun", "kill", "poison", "steal", "hack", "malware", "virus",
@@ -300,17 +305,22 @@ def checked_generate(
     probe: Probe | None = None,
     threshold: float | None = None,
     every_token: bool = False,
+    reading: str = "last",
 ) -> list[Checked]:
     """Answers to ``prompts`` verified by ``monitor`` (none, probe, self-check or keyword) before output.
 
-    The probe monitor needs ``probe`` and its ``threshold`` (``zoo.monitor_probe`` gives the book's,
-    chosen on the train split); the self-check's threshold defaults to 0.5 (Yes beats No). The probe is read at the prompt's last token only unless ``every_token``: it
-    was fit and its threshold chosen at that position, and read at generated tokens it also fires
-    on harmless answers (the generation chapter measures how often)."""
+    The probe monitor needs ``probe`` and its ``threshold``, and reads the residual stream as the probe
+    was fitted (``reading``: ``"last"`` token or ``"mean"`` over the request). ``zoo.pooled_monitor``
+    gives the book's (pooled, with its layer and threshold chosen on the train split), and
+    ``zoo.monitor_probe`` the last-token one. The self-check's threshold defaults to 0.5 (Yes beats No).
+    The probe is read on the prompt only unless ``every_token``: it was fit and its threshold chosen
+    there, and read at generated tokens it also fires on harmless answers (the generation chapter
+    measures how often)."""
     if monitor == "probe":
         if probe is None or threshold is None:
-            raise ValueError("the probe monitor needs a probe and a threshold: see zoo.monitor_probe")
-        return probe_generate(model, tok, prompts, probe, threshold, max_new_tokens, every_token=every_token)
+            raise ValueError("the probe monitor needs a probe and a threshold: see zoo.pooled_monitor")
+        return probe_generate(model, tok, prompts, probe, threshold, max_new_tokens, every_token=every_token,
+                              reading=reading)
     if monitor not in ("none", "self-check", "keyword"):
         raise ValueError(f"unknown monitor {monitor!r}: use none, probe, self-check or keyword")
     t0 = time.perf_counter()

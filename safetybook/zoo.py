@@ -39,10 +39,10 @@ from .directions import (
 )
 from .interventions import select_refusal_direction
 from .models import LOADED, TOKENIZERS, ModelError, fingerprint, load_base, tokenizer_for, unload_model
-from .monitor import held_out_threshold
+from .monitor import MONITOR_FPR, MONITOR_LAYERS, held_out_threshold, holdout_monitor
 
 __all__ = ["LOCAL_NAMES", "READINGS", "condition_gate", "guard", "harm_probe", "load_model", "load_run", "monitor_layer",
-           "monitor_probe", "probe_activations", "probe_threshold", "recipe", "refusal_direction", "unload_model"]
+           "monitor_probe", "pooled_monitor", "probe_activations", "probe_threshold", "recipe", "refusal_direction", "unload_model"]
 
 LOCAL_NAMES = ("base", "tuned", "repaired", "control")
 
@@ -248,6 +248,26 @@ def monitor_probe(model_name: str = "base") -> tuple[Probe, float]:
     """The latent monitor's probe and threshold for ``model_name`` (for ``monitor.checked_generate``)."""
     layer = monitor_layer(model_name)
     return harm_probe(model_name, layer), probe_threshold(model_name, layer)
+
+
+def pooled_monitor(model_name: str = "base") -> tuple[Probe, float]:
+    """The book's latent monitor for ``model_name``, behind ``generate --monitor probe``: a probe on the
+    residual stream averaged over the request (``probe_activations(model_name, "mean")``), its layer
+    chosen among ``MONITOR_LAYERS`` by grouped cross-validation on the guard's train rows and its
+    threshold set to flag ``MONITOR_FPR`` of their harmless rows by held-out scores
+    (``monitor.holdout_monitor``, with every wrapper family seen). The generation chapter measures it
+    on test prompts and on jailbreak families it never saw. Computed once, cached as JSON."""
+    path = cache_dir("probes") / f"pooled-{model_name}-{digest(_probe_key(model_name), MONITOR_LAYERS, MONITOR_FPR)}.json"
+    cached = read_json(path)
+    if cached is not None:
+        return Probe(**cached["probe"]), cached["threshold"]
+    acts = torch.cat(probe_activations(model_name, "mean"), dim=1)
+    with computing(f"the pooled monitor of '{model_name}'"):
+        _, labels, harmless, families = probe_rows()
+        probe, threshold = holdout_monitor(acts, labels, probe_groups(), families, None, harmless,
+                                           list(MONITOR_LAYERS), MONITOR_FPR)
+        write_json(path, {"probe": asdict(probe), "threshold": threshold})
+    return probe, threshold
 
 
 def refusal_direction(model_name: str = "tuned", n_select: int = 32, target: float = ADD_TARGET) -> RefusalDirection:

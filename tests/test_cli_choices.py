@@ -112,3 +112,30 @@ def test_score_highlight_applies_token_highlighter_on_the_tiny_model(tmp_path, m
     plain = refusal_score(model, tok, prompts)
     assert max(abs(np.log(g) - np.log(p)) for g, p in zip(want, plain)) > 1e-5, "and the edit changes the scores"
     assert not model._forward_pre_hooks, "nothing stays hooked after the command"
+
+
+def test_generate_monitor_probe_reads_the_pooled_monitor_over_the_request(tmp_path, monkeypatch, capsys, tiny_model, tok):
+    """``generate --monitor probe`` uses ``zoo.pooled_monitor`` and reads it as it was fitted: on the
+    request's mean activation, not at the last token (the two give different scores)."""
+    import json
+    import math
+
+    from safetybook import models
+    from safetybook.directions import fit_probe, prompt_activations
+    from tests.conftest import COMPLY, REFUSE
+
+    prompts = REFUSE[:2] + COMPLY[:2]
+    acts = prompt_activations(tiny_model, tok, REFUSE + COMPLY, [1])
+    probe = fit_probe(1, acts["mean"][0, : len(REFUSE)], acts["mean"][0, len(REFUSE) :], c=10.0)
+    asked = []
+    monkeypatch.setattr(zoo, "pooled_monitor", lambda name: asked.append(name) or (probe, math.inf))
+    monkeypatch.setattr(zoo, "load_model", lambda name: (tiny_model, tok))
+    monkeypatch.setattr(models, "model_folder", lambda: None)
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    assert main(["generate", "--model", "tuned", "--monitor", "probe", "--max-new-tokens", "2", "--prompts", str(path)]) == 0
+    got = [json.loads(line)["monitor_score"] for line in capsys.readouterr().out.splitlines() if line]
+    mine = prompt_activations(tiny_model, tok, prompts, [1])
+    assert asked == ["tuned"]
+    assert got == [round(float(s), 4) for s in probe.predict(mine["mean"][0])]
+    assert got != [round(float(s), 4) for s in probe.predict(mine["last"][0])], "the last-token reading differs"
