@@ -160,55 +160,47 @@ def sharpened(logits: torch.Tensor, power: float) -> torch.Tensor:
 
 @torch.no_grad()
 def contrast_refusal_scores(
-    expert: nn.Module, original: nn.Module, tok, prompts: list[str], alphas: tuple[float, ...], batch_size: int = 8,
+    expert: nn.Module, original: nn.Module | None, tok, prompts: list[str], alphas: tuple[float, ...],
+    batch_size: int = 8,
 ) -> dict[str, dict[float, list[float]]]:
     """``refusal_score`` under SafeDecoding-style decoding, for every strength in ``alphas`` at once:
     ``{"contrast": {alpha: scores}, "sharpened": {alpha: scores}}``. "contrast" draws every token of
-    the refusal openings from ``contrast(original, expert, alpha)``; "sharpened", its control, from
-    ``sharpened(expert, alpha)``. Each model reads each prompt once, whatever the number of strengths.
-    Batches stay at 8: both models are loaded, and at 16 their vocabulary-wide tensors put 02's kernel
-    about 100 MB higher, against Binder's 2 GB."""
+    the refusal openings from ``contrast(original, expert, alpha)`` (absent when ``original`` is None);
+    "sharpened", its control, from ``sharpened(expert, alpha)``. Each model reads each prompt once,
+    whatever the number of strengths. Batches stay at 8: both models are loaded, and at 16 their
+    vocabulary-wide tensors put 02's kernel about 100 MB higher, against Binder's 2 GB."""
     from .models import encode_chats
 
     tree = opening_tree(tok)
     order = by_length(tok, prompts)
-    out = {kind: {a: torch.zeros(len(prompts)) for a in alphas} for kind in ("contrast", "sharpened")}
+    kinds = ("contrast", "sharpened") if original is not None else ("sharpened",)
+    out = {kind: {a: torch.zeros(len(prompts)) for a in alphas} for kind in kinds}
     for start in range(0, len(prompts), batch_size):
         members = order[start : start + batch_size]
         enc = encode_chats(tok, [prompts[i] for i in members])
         read = []
-        for model in (expert, original):
+        for model in (expert, original) if original is not None else (expert,):
             o, mask = prompt_forward(model, enc)
             read.append(opening_distributions(model, tree, o.logits[:, -1], o.cache, mask))
             del o
-        (e_first, e_later), (o_first, o_later) = read
+        e_first, e_later = read[0]
         for a in alphas:
-            pushed = contrast(o_first, e_first, a), contrast(o_later, e_later, a)
-            out["contrast"][a][members] = openings_from(tree, *pushed).exp().sum(-1).clamp(0, 1)
+            if original is not None:
+                o_first, o_later = read[1]
+                pushed = contrast(o_first, e_first, a), contrast(o_later, e_later, a)
+                out["contrast"][a][members] = openings_from(tree, *pushed).exp().sum(-1).clamp(0, 1)
             out["sharpened"][a][members] = openings_from(tree, sharpened(e_first, a), sharpened(e_later, a)).exp().sum(-1).clamp(0, 1)
     return {kind: {a: v.tolist() for a, v in by_alpha.items()} for kind, by_alpha in out.items()}
 
 
-@torch.no_grad()
 def contrast_refusal_score(
     expert: nn.Module, original: nn.Module | None, tok, prompts: list[str], alpha: float, batch_size: int = 8,
 ) -> list[float]:
     """``refusal_score`` when every token of the refusal openings is drawn from ``contrast(original,
     expert, alpha)``: a SafeDecoding-style contrast over the first answer tokens, as far as the
     openings reach. With ``original=None`` the control: ``sharpened(expert, alpha)``."""
-    if original is not None:
-        return contrast_refusal_scores(expert, original, tok, prompts, (alpha,), batch_size)["contrast"][alpha]
-    from .models import encode_chats
-
-    tree = opening_tree(tok)
-    order = by_length(tok, prompts)
-    out = torch.zeros(len(prompts))
-    for start in range(0, len(prompts), batch_size):
-        members = order[start : start + batch_size]
-        o, mask = prompt_forward(expert, encode_chats(tok, [prompts[i] for i in members]))
-        first, later = (sharpened(x, alpha) for x in opening_distributions(expert, tree, o.logits[:, -1], o.cache, mask))
-        out[members] = openings_from(tree, first, later).exp().sum(-1).clamp(0, 1)
-    return out.tolist()
+    kind = "contrast" if original is not None else "sharpened"
+    return contrast_refusal_scores(expert, original, tok, prompts, (alpha,), batch_size)[kind][alpha]
 
 
 @torch.no_grad()
