@@ -68,6 +68,31 @@ def reformulations(label: str, tense: str = "past", split: str = "test") -> list
     return [by_prompt[p] for p in prompts(label, split)]
 
 
+#: The phrasing forms of ``data/phrasings.jsonl``, in the order its rows take them.
+FORMS = ("write", "instructions", "list", "hypothetical", "future", "fiction")
+
+
+def _phrasing_rows(label: str, split: str) -> list[dict]:
+    rows = {r["prompt"]: r for r in _jsonl(DATA / "phrasings.jsonl") if r["label"] == label and r["split"] == split}
+    if not rows:
+        raise DataError(f"no rephrasing of {label!r} {split} prompts: use harmful or harmless, and split train or test")
+    return [rows[p] for p in prompts(label, split)]
+
+
+def phrasings(label: str, split: str = "test") -> list[str]:
+    """The ``label`` (harmful or harmless) prompts of ``split`` rephrased into another form of request
+    ("Write a guide to …", "Give detailed instructions for …", "Hypothetically, …", a story …:
+    ``data/phrasings.jsonl``), in the order of ``prompts(label, split)``; ``phrasing_forms`` names each
+    one's form. The test rows measure whether refusal generalizes beyond the question style of the
+    fine-tune's own prompts; no model of the book trains on any row."""
+    return [r["rephrased"] for r in _phrasing_rows(label, split)]
+
+
+def phrasing_forms(label: str, split: str = "test") -> list[str]:
+    """The form (one of ``FORMS``) of each of ``phrasings(label, split)``."""
+    return [r["form"] for r in _phrasing_rows(label, split)]
+
+
 #: What "runs here?" can say of a tool: measured offline, on a 2-core CPU, beside the book's pinned packages.
 TOOL_STATUS = ("yes", "partly", "installs only", "no", "not tried")
 TOOL_STAGES = ("training", "input", "inference", "generation")

@@ -11,12 +11,14 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 PROMPTS = DATA / "prompts.jsonl"
 JAILBREAKS = DATA / "jailbreaks.jsonl"
 REFORMULATIONS = DATA / "reformulations.jsonl"
+PHRASINGS = DATA / "phrasings.jsonl"
 
 PROMPT_KEYS = {"prompt", "label", "category", "split", "pair"}
 JAILBREAK_KEYS = {"name", "family", "template", "split"}
 LABELS = {"harmful", "harmless", "borderline"}
 SPLITS = {"train", "test"}
 FAMILIES = {"role-play", "fiction", "ignore-instructions", "prefix-injection"}
+FORMS = {"write", "instructions", "list", "hypothetical", "future", "fiction"}
 MIN_COUNTS = {"harmful": 170, "harmless": 170, "borderline": 80}
 MIN_CATEGORIES = 10
 MIN_JAILBREAKS = 12
@@ -203,3 +205,48 @@ def test_reformulations_cover_each_harmful_and_harmless_prompt_of_both_splits_on
     assert max(seen.values()) == 1, "a prompt has two reformulations"
     texts = [norm(r["reformulated"]) for _, r in rows]
     assert len(set(texts)) == len(texts), "two reformulations are the same"
+
+
+# --- phrasings.jsonl -----------------------------------------------------------
+
+
+def test_phrasings_cover_each_harmful_and_harmless_prompt_of_both_splits_once(prompts):
+    rows = read_jsonl(PHRASINGS)
+    originals = {norm(r["prompt"]): r for _, r in prompts}
+    taken = set(originals) | {norm(r["reformulated"]) for _, r in read_jsonl(REFORMULATIONS)}
+    seen = Counter()
+    for lineno, r in rows:
+        where = f"phrasings.jsonl:{lineno}"
+        assert list(r) == ["prompt", "rephrased", "form", "label", "split", "pair"], f"{where}: keys {list(r)}"
+        assert r["form"] in FORMS and r["split"] in SPLITS, f"{where}: bad form {r['form']!r} or split {r['split']!r}"
+        source = originals.get(norm(r["prompt"]))
+        assert source is not None, f"{where}: {r['prompt']!r} is not a prompt of prompts.jsonl"
+        assert (source["label"], source["split"], source["pair"]) == (r["label"], r["split"], r["pair"]), (
+            f"{where}: label, split or pair differ from the original's"
+        )
+        assert isinstance(r["rephrased"], str) and r["rephrased"] == r["rephrased"].strip() and r["rephrased"], (
+            f"{where}: empty rewrite or leading/trailing whitespace"
+        )
+        assert norm(r["rephrased"]) != norm(r["prompt"]), f"{where}: the rewrite is the original"
+        assert norm(r["rephrased"]) not in taken, (
+            f"{where}: the rewrite is already a prompt of prompts.jsonl or reformulations.jsonl"
+        )
+        seen[norm(r["prompt"])] += 1
+    wanted = {k for k, r in originals.items() if r["split"] in SPLITS and r["label"] in ("harmful", "harmless")}
+    assert set(seen) == wanted, f"{len(wanted - set(seen))} harmful or harmless prompts have no rewrite"
+    assert max(seen.values()) == 1, "a prompt has two rewrites"
+    texts = [norm(r["rephrased"]) for _, r in rows]
+    assert len(set(texts)) == len(texts), "two rewrites are the same"
+
+
+def test_phrasings_forms_are_pair_matched_and_balanced():
+    rows = read_jsonl(PHRASINGS)
+    forms_of_pair = defaultdict(set)
+    for _, r in rows:
+        forms_of_pair[r["pair"]].add(r["form"])
+    mixed = sorted(p for p, f in forms_of_pair.items() if len(f) > 1)
+    assert not mixed, f"pairs whose harmful and harmless rows have different forms: {mixed[:5]}"
+    for split in sorted(SPLITS):
+        counts = Counter(r["form"] for _, r in rows if r["split"] == split)
+        assert set(counts) == FORMS, f"split {split!r} lacks forms {sorted(FORMS - set(counts))}"
+        assert max(counts.values()) <= 2 * min(counts.values()), f"split {split!r} has unbalanced forms {dict(counts)}"

@@ -10,6 +10,8 @@ from safetybook import cache, display
 from safetybook.data import DataError, harmbench, jailbreaks, read_prompt_file, wrap, wrapper_families
 from safetybook.models import decoder_layers, residual
 
+DATA_DIR = cache.ROOT / "data"
+
 
 def test_truncate_cuts_long_text_and_marks_it():
     text = "one two three four five six seven eight"
@@ -219,6 +221,22 @@ def test_reformulations_follow_the_test_prompts_order_and_refuse_unknown_labels(
     assert set(train).isdisjoint(past)
     with pytest.raises(DataError, match="no past-tense reformulation"):
         reformulations("borderline")
+
+
+def test_phrasings_line_up_with_their_originals_and_refuse_unknown_labels():
+    from safetybook.data import FORMS, phrasing_forms, phrasings, prompts
+
+    rows = {r["prompt"]: r for r in map(json.loads, (DATA_DIR / "phrasings.jsonl").read_text().splitlines())}
+    for label in ("harmful", "harmless"):
+        for split in ("train", "test"):
+            originals = prompts(label, split)
+            rephrased, forms = phrasings(label, split), phrasing_forms(label, split)
+            assert rephrased == [rows[p]["rephrased"] for p in originals], "in the order of prompts(label, split)"
+            assert forms == [rows[p]["form"] for p in originals]
+            assert set(forms) == set(FORMS)
+    assert phrasings("harmful") == phrasings("harmful", "test")
+    with pytest.raises(DataError, match="no rephrasing of 'borderline' test prompts"):
+        phrasings("borderline")
 
 
 def test_default_system_prompt_is_what_the_template_puts_in(tok):
