@@ -184,27 +184,39 @@ def test_jailbreak_counts_and_splits(jailbreaks):
 # --- reformulations.jsonl ------------------------------------------------------
 
 
-def test_reformulations_cover_each_harmful_and_harmless_prompt_of_both_splits_once(prompts):
-    rows = read_jsonl(REFORMULATIONS)
+def check_rewrites(rows, prompts, file: str, field: str, taken: frozenset = frozenset()) -> None:
+    """Every harmful and harmless prompt of both splits rewritten exactly once (in ``field``), keeping the
+    original's label, split and pair; no rewrite is its original, a prompt of the book, a text of ``taken``
+    or another row's rewrite."""
     originals = {norm(r["prompt"]): r for _, r in prompts}
     seen = Counter()
     for lineno, r in rows:
-        where = f"reformulations.jsonl:{lineno}"
-        assert set(r) == {"prompt", "reformulated", "tense", "label", "split", "pair"}, f"{where}: keys {sorted(r)}"
-        assert r["tense"] == "past" and r["split"] in SPLITS, f"{where}: only past-tense train or test rows are expected"
+        where = f"{file}:{lineno}"
         source = originals.get(norm(r["prompt"]))
         assert source is not None, f"{where}: {r['prompt']!r} is not a prompt of prompts.jsonl"
         assert (source["label"], source["split"], source["pair"]) == (r["label"], r["split"], r["pair"]), (
             f"{where}: label, split or pair differ from the original's"
         )
-        assert norm(r["reformulated"]) != norm(r["prompt"]), f"{where}: the reformulation is the original"
-        assert norm(r["reformulated"]) not in originals, f"{where}: the reformulation is itself a prompt of the book"
+        text = r[field]
+        assert isinstance(text, str) and text and text == text.strip(), f"{where}: empty rewrite or outer whitespace"
+        assert norm(text) != norm(r["prompt"]), f"{where}: the rewrite is the original"
+        assert norm(text) not in originals, f"{where}: the rewrite is itself a prompt of the book"
+        assert norm(text) not in taken, f"{where}: the rewrite is already in another file of rewrites"
         seen[norm(r["prompt"])] += 1
     wanted = {k for k, r in originals.items() if r["split"] in SPLITS and r["label"] in ("harmful", "harmless")}
-    assert set(seen) == wanted, f"{len(wanted - set(seen))} harmful or harmless prompts have no reformulation"
-    assert max(seen.values()) == 1, "a prompt has two reformulations"
-    texts = [norm(r["reformulated"]) for _, r in rows]
-    assert len(set(texts)) == len(texts), "two reformulations are the same"
+    assert set(seen) == wanted, f"{len(wanted - set(seen))} harmful or harmless prompts have no row in {file}"
+    assert max(seen.values()) == 1, f"a prompt has two rows in {file}"
+    texts = [norm(r[field]) for _, r in rows]
+    assert len(set(texts)) == len(texts), f"two rewrites in {file} are the same"
+
+
+def test_reformulations_cover_each_harmful_and_harmless_prompt_of_both_splits_once(prompts):
+    rows = read_jsonl(REFORMULATIONS)
+    for lineno, r in rows:
+        where = f"reformulations.jsonl:{lineno}"
+        assert set(r) == {"prompt", "reformulated", "tense", "label", "split", "pair"}, f"{where}: keys {sorted(r)}"
+        assert r["tense"] == "past" and r["split"] in SPLITS, f"{where}: only past-tense train or test rows are expected"
+    check_rewrites(rows, prompts, "reformulations.jsonl", "reformulated")
 
 
 # --- phrasings.jsonl -----------------------------------------------------------
@@ -212,31 +224,12 @@ def test_reformulations_cover_each_harmful_and_harmless_prompt_of_both_splits_on
 
 def test_phrasings_cover_each_harmful_and_harmless_prompt_of_both_splits_once(prompts):
     rows = read_jsonl(PHRASINGS)
-    originals = {norm(r["prompt"]): r for _, r in prompts}
-    taken = set(originals) | {norm(r["reformulated"]) for _, r in read_jsonl(REFORMULATIONS)}
-    seen = Counter()
     for lineno, r in rows:
         where = f"phrasings.jsonl:{lineno}"
         assert list(r) == ["prompt", "rephrased", "form", "label", "split", "pair"], f"{where}: keys {list(r)}"
         assert r["form"] in FORMS and r["split"] in SPLITS, f"{where}: bad form {r['form']!r} or split {r['split']!r}"
-        source = originals.get(norm(r["prompt"]))
-        assert source is not None, f"{where}: {r['prompt']!r} is not a prompt of prompts.jsonl"
-        assert (source["label"], source["split"], source["pair"]) == (r["label"], r["split"], r["pair"]), (
-            f"{where}: label, split or pair differ from the original's"
-        )
-        assert isinstance(r["rephrased"], str) and r["rephrased"] == r["rephrased"].strip() and r["rephrased"], (
-            f"{where}: empty rewrite or leading/trailing whitespace"
-        )
-        assert norm(r["rephrased"]) != norm(r["prompt"]), f"{where}: the rewrite is the original"
-        assert norm(r["rephrased"]) not in taken, (
-            f"{where}: the rewrite is already a prompt of prompts.jsonl or reformulations.jsonl"
-        )
-        seen[norm(r["prompt"])] += 1
-    wanted = {k for k, r in originals.items() if r["split"] in SPLITS and r["label"] in ("harmful", "harmless")}
-    assert set(seen) == wanted, f"{len(wanted - set(seen))} harmful or harmless prompts have no rewrite"
-    assert max(seen.values()) == 1, "a prompt has two rewrites"
-    texts = [norm(r["rephrased"]) for _, r in rows]
-    assert len(set(texts)) == len(texts), "two rewrites are the same"
+    past = frozenset(norm(r["reformulated"]) for _, r in read_jsonl(REFORMULATIONS))
+    check_rewrites(rows, prompts, "phrasings.jsonl", "rephrased", taken=past)
 
 
 def test_phrasings_forms_are_pair_matched_and_balanced():
