@@ -155,25 +155,26 @@ def prompt_activations(
 
     hooks = [blocks[i].register_forward_hook(lambda m, a, o, i=i: capture(m, a, o, i)) for i in layers]
     order = by_length(tok, prompts)
-    chunks: dict[str, list[torch.Tensor]] = {"last": [], "mean": []}
+    # each batch goes straight to its prompts' rows: no list of batches to concatenate and then reorder,
+    # which held three copies of the result at once (04's peak, with a thousand prompts)
+    result: dict[str, torch.Tensor] = {}
     try:
         for begin in range(0, len(prompts), batch_size):
-            enc = encode_chats(tok, [prompts[i] for i in order[begin : begin + batch_size]], system)
+            rows = order[begin : begin + batch_size]
+            enc = encode_chats(tok, [prompts[i] for i in rows], system)
             ids, mask = enc["input_ids"], enc["attention_mask"]
             first = ids.shape[1] - mask.sum(-1) + start  # left padding: where each request begins
             keep["mask"] = torch.arange(ids.shape[1])[None] >= first[:, None]
             model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                   logits_to_keep=1)
-            for j, kind in enumerate(chunks):
-                chunks[kind].append(torch.stack([captured[i][j].float() for i in layers]))
+            for j, kind in enumerate(("last", "mean")):
+                if kind not in result:
+                    result[kind] = torch.empty(len(layers), len(prompts), captured[layers[0]][j].shape[-1])
+                for k, i in enumerate(layers):
+                    result[kind][k, rows] = captured[i][j].float()
     finally:
         for h in hooks:
             h.remove()
-    result = {}
-    for kind, parts in chunks.items():
-        acts = torch.cat(parts, dim=1)
-        result[kind] = torch.empty_like(acts)
-        result[kind][:, order] = acts
     return result
 
 
