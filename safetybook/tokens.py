@@ -161,10 +161,10 @@ def targets_for(tok, prompts: list[str], positions: list[list[int]]) -> dict[tup
 AFFIRMATION = "Sure, I'd like to help you with this."
 
 #: The share of a prompt's user tokens that ``highlighted`` shrinks, and the factor it shrinks their
-#: embeddings by. Chosen in the input-stage chapter on the train split's past-tense prompts, among
-#: fractions 0.1 and 0.25 and factors 0.5 and 0.8: the pair whose rise in harmful refusal most exceeds
-#: its rise in harmless refusal (the paper's defaults are in the same range).
-HIGHLIGHT_FRACTION = 0.25
+#: embeddings by. Chosen in the input-stage chapter on the train split's rephrased prompts (the rewording
+#: that ``tuned`` misses), among fractions 0.1 and 0.25 and factors 0.5 and 0.8: the pair whose rise in
+#: harmful refusal most exceeds its rise in harmless refusal (the paper's defaults are in the same range).
+HIGHLIGHT_FRACTION = 0.1
 HIGHLIGHT_SCALE = 0.8
 
 
