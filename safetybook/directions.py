@@ -23,14 +23,38 @@ def last_token_activations(
     opening they share runs once per batch (``models.prompt_forward``) unless the model carries a
     hook that is not pointwise; the result is in the order of ``prompts``.
     """
+    return end_activations(model, tok, prompts, 1, layers, batch_size, system)[:, 0]
+
+
+def post_instruction_length(tok) -> int:
+    """How many tokens the chat template puts after the user's words (for SmolLM2,
+    ``<|im_end|>``, a newline, ``<|im_start|>``, ``assistant`` and a newline): the positions where
+    Arditi et al. look for the refusal direction."""
+    from .models import chat_text
+
+    mark = "§§"
+    text = chat_text(tok, mark)
+    after = text[text.index(mark) + len(mark) :]
+    return len(tok(after, add_special_tokens=False).input_ids)
+
+
+@torch.no_grad()
+def end_activations(
+    model: nn.Module, tok, prompts: list[str], n_last: int, layers: list[int] | None = None, batch_size: int = 16,
+    system: str | None = None,
+) -> torch.Tensor:
+    """Residual stream after each layer at the last ``n_last`` prompt tokens:
+    ``[layer, position, prompt, d_model]``, position 0 the earliest of them and ``n_last - 1`` the
+    last token. Batched and ordered as ``last_token_activations``."""
     from .models import by_length, pointwise, prompt_forward
 
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else layers
     captured: dict[int, torch.Tensor] = {}
-    # read-only hooks; the last one to fire (the pass that holds each prompt's last token) is kept
+    # read-only hooks; the last one to fire (the pass that holds each prompt's last tokens) is kept
     hooks = [
-        blocks[i].register_forward_hook(pointwise(lambda _m, _in, out, i=i: captured.__setitem__(i, residual(out)[:, -1])))
+        blocks[i].register_forward_hook(
+            pointwise(lambda _m, _in, out, i=i: captured.__setitem__(i, residual(out)[:, -n_last:])))
         for i in layers
     ]
     order = by_length(tok, prompts)
@@ -38,14 +62,14 @@ def last_token_activations(
     try:
         for start in range(0, len(prompts), batch_size):
             enc = encode_chats(tok, [prompts[i] for i in order[start : start + batch_size]], system)
-            prompt_forward(model, enc)  # the chat opening shared by every prompt runs once
-            chunks.append(torch.stack([captured[i].float() for i in layers]))
+            prompt_forward(model, enc, keep=n_last)  # the chat opening shared by every prompt runs once
+            chunks.append(torch.stack([captured[i].float().transpose(0, 1) for i in layers]))
     finally:
         for h in hooks:
             h.remove()
-    acts = torch.cat(chunks, dim=1)
+    acts = torch.cat(chunks, dim=2)
     out = torch.empty_like(acts)
-    out[:, order] = acts
+    out[:, :, order] = acts
     return out
 
 

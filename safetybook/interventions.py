@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -220,3 +221,100 @@ def select_refusal_direction(
             break
     return RefusalDirection(layer, means[layer].tolist(), float(coefficient), ablated, added)
 
+
+
+#: Arditi et al.'s filters on a candidate refusal direction: ablating it may move harmless prompts'
+#: next-token distribution (at the last prompt token) by at most this KL divergence, in nats ...
+RECIPE_KL = 0.1
+#: ... and candidates from layers at or past this fraction of the depth are left out.
+RECIPE_DEPTH = 0.8
+
+
+@dataclass
+class RecipeScreen:
+    """Every candidate refusal direction that Arditi et al.'s recipe screens, scored on train prompts.
+
+    ``layers`` × ``positions`` candidates (positions count back from the last prompt token: -1 is
+    the last); each array is ``[layer, position]``. ``ablated``: mean refusal of the harmful
+    selection prompts with the candidate ablated everywhere. ``kl``: mean KL divergence of the
+    harmless selection prompts' next-token distribution, unedited to ablated. ``induced``: mean
+    refusal of the harmless selection prompts with the candidate added after its layer (NaN where
+    the KL filter already failed it). ``chosen``: (layer, position) of the lowest ``ablated`` among
+    the candidates that pass all three filters, or None if none does.
+    """
+
+    layers: list[int]
+    positions: list[int]
+    ablated: np.ndarray
+    kl: np.ndarray
+    induced: np.ndarray
+    kl_bound: float
+    excluded_from: int
+    chosen: tuple[int, int] | None
+    n_harmful: int = 0  #: prompts behind the means (the selection prompts are the first of them)
+    n_harmless: int = 0
+
+    def passes(self) -> np.ndarray:
+        """[layer, position]: which candidates pass the KL, induce and depth filters."""
+        deep = np.array([layer >= self.excluded_from for layer in self.layers])[:, None]
+        with np.errstate(invalid="ignore"):
+            return (self.kl < self.kl_bound) & (self.induced > 0.5) & ~deep
+
+
+@torch.no_grad()
+def _next_token_logprobs(model: nn.Module, tok, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """log P(next token) after each prompt's chat template: ``[prompt, vocab]``, in prompt order."""
+    from .models import by_length, encode_chats, prompt_forward
+
+    order = by_length(tok, prompts)
+    out = torch.empty(len(prompts), model.config.vocab_size)
+    for start in range(0, len(prompts), batch_size):
+        members = order[start : start + batch_size]
+        o, _ = prompt_forward(model, encode_chats(tok, [prompts[i] for i in members]))
+        out[members] = o.logits[:, -1].float().log_softmax(-1)
+    return out
+
+
+def screen_refusal_candidates(
+    model: nn.Module, tok, harmful: list[str], harmless: list[str], n_select: int = 16,
+    kl_bound: float = RECIPE_KL, depth: float = RECIPE_DEPTH, layers: list[int] | None = None,
+) -> tuple[RecipeScreen, torch.Tensor]:
+    """Arditi et al.'s selection of the refusal direction, on train prompts only.
+
+    A candidate is the difference in means between ``harmful`` and ``harmless`` prompts at one layer
+    and one post-instruction position (the template's tokens after the user's words). Each is ablated
+    everywhere on ``n_select`` harmful and ``n_select`` harmless prompts (refusal; KL of the next-token
+    distribution), and, where the KL filter passes, added after its layer on the harmless ones
+    (does it induce refusal, above 0.5?). Layers at or past ``depth`` of the model are left out of
+    the choice, but still scored, so the table shows them. The prompts that pick the means should be
+    ones the model refuses (``harmful``) and answers (``harmless``). Returns the screen and the
+    candidates' vectors ``[layer, position, d_model]``.
+    """
+    from .directions import end_activations, post_instruction_length
+
+    n_layers = len(decoder_layers(model))
+    layers = list(range(n_layers)) if layers is None else layers
+    n_pos = post_instruction_length(tok)
+    means = (end_activations(model, tok, harmful, n_pos, layers).mean(2)
+             - end_activations(model, tok, harmless, n_pos, layers).mean(2))
+    select_harmful, select_harmless = harmful[:n_select], harmless[:n_select]
+    reference = _next_token_logprobs(model, tok, select_harmless)
+    shape = (len(layers), n_pos)
+    ablated, kl, induced = np.zeros(shape), np.zeros(shape), np.full(shape, np.nan)
+    for i, layer in enumerate(layers):
+        for j in range(n_pos):
+            with ablate_direction(model, means[i, j]):
+                ablated[i, j] = np.mean(refusal_score(model, tok, select_harmful))
+                edited = _next_token_logprobs(model, tok, select_harmless)
+            kl[i, j] = float((reference.exp() * (reference - edited)).sum(-1).mean())
+            if kl[i, j] < kl_bound:
+                with add_direction(model, means[i, j], layer):
+                    induced[i, j] = np.mean(refusal_score(model, tok, select_harmless))
+    excluded_from = int(np.ceil(depth * n_layers))
+    screen = RecipeScreen(layers, list(range(-n_pos, 0)), ablated, kl, induced, kl_bound, excluded_from, None,
+                          len(harmful), len(harmless))
+    ok = screen.passes()
+    if ok.any():
+        i, j = np.unravel_index(np.where(ok, ablated, np.inf).argmin(), shape)
+        screen.chosen = (layers[i], screen.positions[j])
+    return screen, means

@@ -37,9 +37,19 @@ from .directions import (
     fit_probe,
     prompt_activations,
 )
-from .interventions import select_refusal_direction
-from .models import LOADED, TOKENIZERS, ModelError, fingerprint, load_base, tokenizer_for, unload_model
+from .interventions import RECIPE_KL, RecipeScreen, screen_refusal_candidates, select_refusal_direction
+from .models import (
+    LOADED,
+    TOKENIZERS,
+    ModelError,
+    decoder_layers,
+    fingerprint,
+    load_base,
+    tokenizer_for,
+    unload_model,
+)
 from .monitor import MONITOR_FPR, MONITOR_LAYERS, held_out_threshold, holdout_monitor
+from .refusal import refusal_score
 
 __all__ = ["LOCAL_NAMES", "READINGS", "condition_gate", "guard", "harm_probe", "load_model", "load_run", "monitor_layer",
            "monitor_probe", "pooled_monitor", "probe_activations", "probe_threshold", "recipe", "refusal_direction", "unload_model"]
@@ -284,6 +294,36 @@ def refusal_direction(model_name: str = "tuned", n_select: int = 32, target: flo
         result = select_refusal_direction(model, tok, harmful, harmless, n_select, target)
         write_json(path, asdict(result))
     return result
+
+
+#: Arditi et al.'s screen in the book: every second layer, 8 + 8 train prompts per candidate. 12 + 12
+#: took 200 s on 2 cores and every layer at 16 + 16 took 460 s; both found no candidate that passes
+#: all three filters, as this one does.
+RECIPE_LAYER_STEP, RECIPE_SELECT = 2, 8
+
+
+def recipe_screen(model_name: str = "tuned") -> RecipeScreen:
+    """Arditi et al.'s selection of the refusal direction for ``model_name``
+    (``interventions.screen_refusal_candidates``), from the train prompts that the model refuses
+    (harmful, score above 0.5) and answers (harmless, below 0.5). Found once and cached as JSON."""
+    model, tok = load_model(model_name)
+    harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
+    layers = list(range(0, len(decoder_layers(model)), RECIPE_LAYER_STEP))
+    key = digest(fingerprint(model), harmful, harmless, layers, RECIPE_SELECT, RECIPE_KL)
+    path = cache_dir("directions") / f"recipe-{model_name}-{key}.json"
+    cached = read_json(path)
+    if cached is None:
+        with computing(f"Arditi et al.'s screen of '{model_name}'"):
+            refused = [p for p, s in zip(harmful, refusal_score(model, tok, harmful)) if s > 0.5]
+            answered = [p for p, s in zip(harmless, refusal_score(model, tok, harmless)) if s < 0.5]
+            screen, _ = screen_refusal_candidates(model, tok, refused, answered, RECIPE_SELECT, layers=layers)
+            cached = {**asdict(screen), **{k: np.where(np.isnan(v), None, v).tolist()
+                                         for k, v in (("ablated", screen.ablated), ("kl", screen.kl),
+                                                      ("induced", screen.induced))}}
+            write_json(path, cached)
+    arrays = {k: np.array(cached[k], dtype=float) for k in ("ablated", "kl", "induced")}
+    chosen = tuple(cached["chosen"]) if cached["chosen"] is not None else None
+    return RecipeScreen(**{**cached, **arrays, "chosen": chosen})
 
 
 def condition_gate(model_name: str = "tuned") -> Gate:

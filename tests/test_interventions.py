@@ -196,3 +196,40 @@ def test_pointwise_edits_score_the_same_with_the_shared_opening_computed_once(ti
             m._forward_hooks[k] = h
     assert plain == pytest.approx(shared, abs=1e-5)
     assert plain != pytest.approx(refusal_score(tiny_model, tok, prompts), abs=1e-3), "the edit changed nothing"
+
+
+def test_post_instruction_activations_equal_each_prompt_run_alone(tiny_model, tok):
+    from safetybook.directions import end_activations, last_token_activations, post_instruction_length
+
+    n = post_instruction_length(tok)
+    ids = encode_chats(tok, ["x"])["input_ids"][0].tolist()
+    assert tok.decode(ids[-n:]).startswith("<|im_end|>"), "the post-instruction tokens start where the user's words end"
+    prompts = REFUSE + COMPLY
+    acts = end_activations(tiny_model, tok, prompts, n, batch_size=3)
+    assert acts.shape == (2, n, len(prompts), tiny_model.config.hidden_size)
+    for k, p in enumerate(prompts):
+        alone, _ = layer_outputs(tiny_model, tok, [p])
+        assert torch.allclose(acts[:, :, k], alone[:, 0, -n:], atol=1e-4)
+    assert torch.allclose(acts[:, -1], last_token_activations(tiny_model, tok, prompts), atol=1e-6)
+
+
+def test_recipe_screen_applies_its_filters(tiny_model, tok):
+    from safetybook.interventions import screen_refusal_candidates
+
+    screen, means = screen_refusal_candidates(tiny_model, tok, REFUSE, COMPLY, n_select=2, kl_bound=0.05, depth=0.5)
+    n = len(screen.positions)
+    assert means.shape == (2, n, tiny_model.config.hidden_size)
+    assert screen.excluded_from == 1, "layers at or past half of 2 are left out"
+    assert not screen.passes()[1].any()
+    # the induce filter runs only where the KL filter passed
+    assert np.array_equal(np.isnan(screen.induced), screen.kl >= 0.05)
+    ok = screen.passes()
+    if ok.any():
+        i, j = screen.layers.index(screen.chosen[0]), screen.positions.index(screen.chosen[1])
+        assert ok[i, j] and screen.ablated[i, j] == screen.ablated[ok].min()
+    else:
+        assert screen.chosen is None
+    # an unbounded KL lets every layer-0 candidate that induces refusal through
+    loose, _ = screen_refusal_candidates(tiny_model, tok, REFUSE, COMPLY, n_select=2, kl_bound=np.inf, depth=0.5)
+    assert not np.isnan(loose.induced).any()
+    assert np.array_equal(loose.passes()[0], loose.induced[0] > 0.5)
