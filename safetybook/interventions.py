@@ -226,6 +226,8 @@ def select_refusal_direction(
 #: Arditi et al.'s filters on a candidate refusal direction: ablating it may move harmless prompts'
 #: next-token distribution (at the last prompt token) by at most this KL divergence, in nats ...
 RECIPE_KL = 0.1
+#: ... added once after its layer, it must make harmless prompts refused above this mean score ...
+RECIPE_INDUCE = 0.5
 #: ... and candidates from layers at or past this fraction of the depth are left out.
 RECIPE_DEPTH = 0.8
 
@@ -258,7 +260,7 @@ class RecipeScreen:
         """[layer, position]: which candidates pass the KL, induce and depth filters."""
         deep = np.array([layer >= self.excluded_from for layer in self.layers])[:, None]
         with np.errstate(invalid="ignore"):
-            return (self.kl < self.kl_bound) & (self.induced > 0.5) & ~deep
+            return (self.kl < self.kl_bound) & (self.induced > RECIPE_INDUCE) & ~deep
 
 
 @torch.no_grad()
@@ -284,9 +286,9 @@ def screen_refusal_candidates(
     A candidate is the difference in means between ``harmful`` and ``harmless`` prompts at one layer
     and one post-instruction position (the template's tokens after the user's words). Each is ablated
     everywhere on ``n_select`` harmful and ``n_select`` harmless prompts (refusal; KL of the next-token
-    distribution), and, where the KL filter passes, added after its layer on the harmless ones
-    (does it induce refusal, above 0.5?). Layers at or past ``depth`` of the model are left out of
-    the choice, but still scored, so the table shows them. The prompts that pick the means should be
+    distribution), and, where the KL filter passes, added after its layer on the harmless ones (does
+    it induce refusal, above ``RECIPE_INDUCE``?). Layers at or past ``depth`` of the model are left
+    out of the choice, but still scored, so the table shows them. The prompts that pick the means should be
     ones the model refuses (``harmful``) and answers (``harmless``). Returns the screen and the
     candidates' vectors ``[layer, position, d_model]``.
     """

@@ -37,7 +37,14 @@ from .directions import (
     fit_probe,
     prompt_activations,
 )
-from .interventions import RECIPE_KL, RecipeScreen, screen_refusal_candidates, select_refusal_direction
+from .interventions import (
+    RECIPE_DEPTH,
+    RECIPE_INDUCE,
+    RECIPE_KL,
+    RecipeScreen,
+    screen_refusal_candidates,
+    select_refusal_direction,
+)
 from .models import (
     LOADED,
     TOKENIZERS,
@@ -309,7 +316,7 @@ def recipe_screen(model_name: str = "tuned") -> RecipeScreen:
     model, tok = load_model(model_name)
     harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
     layers = list(range(0, len(decoder_layers(model)), RECIPE_LAYER_STEP))
-    key = digest(fingerprint(model), harmful, harmless, layers, RECIPE_SELECT, RECIPE_KL)
+    key = digest(fingerprint(model), harmful, harmless, layers, RECIPE_SELECT, RECIPE_KL, RECIPE_INDUCE, RECIPE_DEPTH)
     path = cache_dir("directions") / f"recipe-{model_name}-{key}.json"
     cached = read_json(path)
     if cached is None:
