@@ -27,9 +27,9 @@ def last_token_activations(
 
 
 def post_instruction_length(tok) -> int:
-    """How many tokens the chat template puts after the user's words (for SmolLM2,
-    ``<|im_end|>``, a newline, ``<|im_start|>``, ``assistant`` and a newline): the positions where
-    Arditi et al. look for the refusal direction."""
+    """How many tokens the chat template puts after the user's words: the positions where Arditi et
+    al. look for the refusal direction. SmolLM2 has six: ``<|im_end|>``, a newline, ``<|im_start|>``,
+    ``ass``, ``istant`` and a newline."""
     from .models import chat_text
 
     mark = "§§"

@@ -222,7 +222,6 @@ def select_refusal_direction(
     return RefusalDirection(layer, means[layer].tolist(), float(coefficient), ablated, added)
 
 
-
 #: Arditi et al.'s filters on a candidate refusal direction: ablating it may move harmless prompts'
 #: next-token distribution (at the last prompt token) by at most this KL divergence, in nats ...
 RECIPE_KL = 0.1
@@ -288,9 +287,9 @@ def screen_refusal_candidates(
     everywhere on ``n_select`` harmful and ``n_select`` harmless prompts (refusal; KL of the next-token
     distribution), and, where the KL filter passes, added after its layer on the harmless ones (does
     it induce refusal, above ``RECIPE_INDUCE``?). Layers at or past ``depth`` of the model are left
-    out of the choice, but still scored, so the table shows them. The prompts that pick the means should be
-    ones the model refuses (``harmful``) and answers (``harmless``). Returns the screen and the
-    candidates' vectors ``[layer, position, d_model]``.
+    out of the choice, but still scored, so the table shows them. The prompts that pick the means
+    should be ones the model refuses (``harmful``) and answers (``harmless``). Returns the screen and
+    the candidates' vectors ``[layer, position, d_model]``.
     """
     from .directions import end_activations, post_instruction_length
 
