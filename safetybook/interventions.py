@@ -240,7 +240,8 @@ class RecipeScreen:
     selection prompts with the candidate ablated everywhere. ``kl``: mean KL divergence of the
     harmless selection prompts' next-token distribution, unedited to ablated. ``induced``: mean
     refusal of the harmless selection prompts with the candidate added after its layer (NaN where
-    the KL filter already failed it). ``chosen``: (layer, position) of the lowest ``ablated`` among
+    the KL filter already failed it). All three are NaN for the candidates of excluded layers that were
+    not scored. ``chosen``: (layer, position) of the lowest ``ablated`` among
     the candidates that pass all three filters, or None if none does.
     """
 
@@ -255,11 +256,15 @@ class RecipeScreen:
     n_harmful: int = 0  #: prompts behind the means (the selection prompts are the first of them)
     n_harmless: int = 0
 
+    def eligible(self) -> np.ndarray:
+        """[layer, position]: which candidates pass the depth filter (their layer is before ``excluded_from``)."""
+        shallow = np.array([layer < self.excluded_from for layer in self.layers])[:, None]
+        return shallow & np.ones(self.kl.shape, dtype=bool)
+
     def passes(self) -> np.ndarray:
         """[layer, position]: which candidates pass the KL, induce and depth filters."""
-        deep = np.array([layer >= self.excluded_from for layer in self.layers])[:, None]
         with np.errstate(invalid="ignore"):
-            return (self.kl < self.kl_bound) & (self.induced > RECIPE_INDUCE) & ~deep
+            return (self.kl < self.kl_bound) & (self.induced > RECIPE_INDUCE) & self.eligible()
 
 
 @torch.no_grad()
@@ -279,6 +284,7 @@ def _next_token_logprobs(model: nn.Module, tok, prompts: list[str], batch_size: 
 def screen_refusal_candidates(
     model: nn.Module, tok, harmful: list[str], harmless: list[str], n_select: int = 16,
     kl_bound: float = RECIPE_KL, depth: float = RECIPE_DEPTH, layers: list[int] | None = None,
+    also: tuple[int, int] | None = None,
 ) -> tuple[RecipeScreen, torch.Tensor]:
     """Arditi et al.'s selection of the refusal direction, on train prompts only.
 
@@ -287,7 +293,8 @@ def screen_refusal_candidates(
     everywhere on ``n_select`` harmful and ``n_select`` harmless prompts (refusal; KL of the next-token
     distribution), and, where the KL filter passes, added after its layer on the harmless ones (does
     it induce refusal, above ``RECIPE_INDUCE``?). Layers at or past ``depth`` of the model are left
-    out of the choice, but still scored, so the table shows them. The prompts that pick the means
+    out of the choice, and not scored (NaN), except the candidate ``also`` ((layer, position): a
+    direction in use, to compare with the ones screened). The prompts that pick the means
     should be ones the model refuses (``harmful``) and answers (``harmless``). Returns the screen and
     the candidates' vectors ``[layer, position, d_model]``.
     """
@@ -301,9 +308,12 @@ def screen_refusal_candidates(
     select_harmful, select_harmless = harmful[:n_select], harmless[:n_select]
     reference = _next_token_logprobs(model, tok, select_harmless)
     shape = (len(layers), n_pos)
-    ablated, kl, induced = np.zeros(shape), np.zeros(shape), np.full(shape, np.nan)
+    ablated, kl, induced = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    excluded_from = int(np.ceil(depth * n_layers))
     for i, layer in enumerate(layers):
         for j in range(n_pos):
+            if layer >= excluded_from and also != (layer, j - n_pos):
+                continue
             with ablate_direction(model, means[i, j]):
                 ablated[i, j] = np.mean(refusal_score(model, tok, select_harmful))
                 edited = _next_token_logprobs(model, tok, select_harmless)
@@ -311,7 +321,6 @@ def screen_refusal_candidates(
             if kl[i, j] < kl_bound:
                 with add_direction(model, means[i, j], layer):
                     induced[i, j] = np.mean(refusal_score(model, tok, select_harmless))
-    excluded_from = int(np.ceil(depth * n_layers))
     screen = RecipeScreen(layers, list(range(-n_pos, 0)), ablated, kl, induced, kl_bound, excluded_from, None,
                           len(harmful), len(harmless))
     ok = screen.passes()

@@ -316,14 +316,17 @@ def recipe_screen(model_name: str = "tuned") -> RecipeScreen:
     model, tok = load_model(model_name)
     harmful, harmless = prompts("harmful", "train"), prompts("harmless", "train")
     layers = list(range(0, len(decoder_layers(model)), RECIPE_LAYER_STEP))
-    key = digest(fingerprint(model), harmful, harmless, layers, RECIPE_SELECT, RECIPE_KL, RECIPE_INDUCE, RECIPE_DEPTH)
+    book = (refusal_direction(model_name).layer, -1)  # the book's own direction, scored even where excluded
+    key = digest(fingerprint(model), harmful, harmless, layers, book, RECIPE_SELECT, RECIPE_KL, RECIPE_INDUCE,
+                 RECIPE_DEPTH)
     path = cache_dir("directions") / f"recipe-{model_name}-{key}.json"
     cached = read_json(path)
     if cached is None:
         with computing(f"Arditi et al.'s screen of '{model_name}'"):
             refused = [p for p, s in zip(harmful, refusal_score(model, tok, harmful)) if s > 0.5]
             answered = [p for p, s in zip(harmless, refusal_score(model, tok, harmless)) if s < 0.5]
-            screen, _ = screen_refusal_candidates(model, tok, refused, answered, RECIPE_SELECT, layers=layers)
+            screen, _ = screen_refusal_candidates(model, tok, refused, answered, RECIPE_SELECT, layers=layers,
+                                                  also=book)
             cached = {**asdict(screen), **{k: np.where(np.isnan(v), None, v).tolist()
                                          for k, v in (("ablated", screen.ablated), ("kl", screen.kl),
                                                       ("induced", screen.induced))}}

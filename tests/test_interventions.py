@@ -221,8 +221,10 @@ def test_recipe_screen_applies_its_filters(tiny_model, tok):
     assert means.shape == (2, n, tiny_model.config.hidden_size)
     assert screen.excluded_from == 1, "layers at or past half of 2 are left out"
     assert not screen.passes()[1].any()
+    assert np.array_equal(screen.eligible(), np.array([[True] * n, [False] * n]))
+    assert np.isnan(screen.ablated[1]).all() and np.isnan(screen.kl[1]).all(), "an excluded layer is not scored"
     # the induce filter runs only where the KL filter passed
-    assert np.array_equal(np.isnan(screen.induced), screen.kl >= 0.05)
+    assert np.array_equal(np.isnan(screen.induced[0]), screen.kl[0] >= 0.05)
     ok = screen.passes()
     if ok.any():
         i, j = screen.layers.index(screen.chosen[0]), screen.positions.index(screen.chosen[1])
@@ -230,6 +232,10 @@ def test_recipe_screen_applies_its_filters(tiny_model, tok):
     else:
         assert screen.chosen is None
     # an unbounded KL lets every layer-0 candidate that induces refusal through
-    loose, _ = screen_refusal_candidates(tiny_model, tok, REFUSE, COMPLY, n_select=2, kl_bound=np.inf, depth=0.5)
-    assert not np.isnan(loose.induced).any()
+    loose, _ = screen_refusal_candidates(tiny_model, tok, REFUSE, COMPLY, n_select=2, kl_bound=np.inf, depth=0.5,
+                                         also=(1, -1))
+    assert not np.isnan(loose.induced[0]).any()
     assert np.array_equal(loose.passes()[0], loose.induced[0] > 0.5)
+    # ``also`` scores one excluded candidate, and only that one, and it still cannot pass
+    assert np.array_equal(~np.isnan(loose.kl[1]), np.arange(-n, 0) == -1)
+    assert not loose.passes()[1].any()
