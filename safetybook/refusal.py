@@ -140,22 +140,37 @@ def opening_logprobs(model: nn.Module, tree: OpeningTree, first_logits: torch.Te
     return openings_from(tree, first.log_softmax(-1), later.log_softmax(-1))
 
 
+def _row_by_row(f, *tensors: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """``f`` of tensors ``[..., vocab]`` that ``f`` treats one row at a time, computed ``rows`` rows at
+    a time: the same float32 result, with ``f``'s double-precision copies of the vocabulary kept small
+    (at 8 prompts a batch, SafeDecoding's whole-batch copies were 02's peak, with two models loaded)."""
+    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    out = torch.empty(flat[0].shape, dtype=torch.float32)
+    for chunk in torch.arange(len(out)).split(rows):
+        out[chunk] = f(*(t[chunk] for t in flat)).float()
+    return out.view(tensors[0].shape)
+
+
 def contrast(original: torch.Tensor, expert: torch.Tensor, alpha: float) -> torch.Tensor:
     """SafeDecoding's next-token distribution (Xu et al., 2024), from two models' logits
     ``[..., vocab]``: ``p_original + alpha * (p_expert - p_original)``, its negative parts cut to zero
     and renormalized, as log-probabilities. ``alpha = 1`` gives the expert; ``alpha > 1`` pushes past
     it, away from the original. (SafeDecoding also keeps only tokens in both models' top k; here
     every token is kept, so that whole refusal openings can be scored.)"""
-    o, p = original.double().softmax(-1), expert.double().softmax(-1)  # double: sums over the whole vocabulary
-    p.sub_(o).mul_(alpha).add_(o).clamp_(min=0)  # in place: two vocabulary-wide tensors at a time, not six
-    return p.div_(p.sum(-1, keepdim=True)).log_().float()
+
+    def rows(original: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        o, p = original.double().softmax(-1), expert.double().softmax(-1)  # double: sums over the whole vocabulary
+        p.sub_(o).mul_(alpha).add_(o).clamp_(min=0)  # in place: two vocabulary-wide tensors at a time, not six
+        return p.div_(p.sum(-1, keepdim=True)).log_()
+
+    return _row_by_row(rows, original, expert)
 
 
 def sharpened(logits: torch.Tensor, power: float) -> torch.Tensor:
     """One model's distribution (from its logits) raised to ``power`` and renormalized (temperature
     ``1 / power``), as log-probabilities: the same push as ``contrast`` without a second model, its
     control."""
-    return (logits.double() * power).log_softmax(-1).float()
+    return _row_by_row(lambda x: (x.double() * power).log_softmax(-1), logits)
 
 
 @torch.no_grad()
@@ -168,7 +183,8 @@ def contrast_refusal_scores(
     the refusal openings from ``contrast(original, expert, alpha)`` (absent when ``original`` is None);
     "sharpened", its control, from ``sharpened(expert, alpha)``. Each model reads each prompt once,
     whatever the number of strengths. Batches stay at 8: both models are loaded, and at 16 their
-    vocabulary-wide tensors put 02's kernel about 100 MB higher, against Binder's 2 GB."""
+    vocabulary-wide tensors put 02's kernel about 100 MB higher, against Binder's 2 GB (at 4, 02's
+    SafeDecoding cell took half as long again)."""
     from .models import encode_chats
 
     tree = opening_tree(tok)

@@ -16,6 +16,7 @@ from safetybook.refusal import (
     is_refusal_text,
     opening_ids,
     refusal_score,
+    sharpened,
 )
 from tests.conftest import ANSWER, COMPLY, REFUSAL, REFUSE
 
@@ -259,6 +260,12 @@ def test_contrast_pushes_past_the_expert_and_stays_a_distribution():
     original, expert = torch.tensor([[0.5, 0.3, 0.2]]).log(), torch.tensor([[0.7, 0.2, 0.1]]).log()  # as logits
     assert torch.allclose(contrast(original, expert, 1.0).exp(), expert.exp(), atol=1e-6)
     assert torch.allclose(contrast(original, expert, 0.0).exp(), original.exp(), atol=1e-6)
+    # computed a few rows at a time, each row is what it is alone (three chunks of rows here)
+    torch.manual_seed(0)
+    many_o, many_e = torch.randn(3, 13, 7), torch.randn(3, 13, 7)
+    alone = torch.stack([torch.stack([contrast(many_o[i, j], many_e[i, j], 2.0) for j in range(13)]) for i in range(3)])
+    assert torch.allclose(contrast(many_o, many_e, 2.0), alone, atol=1e-6)
+    assert torch.allclose(sharpened(many_e, 2.0), (2 * many_e).log_softmax(-1), atol=1e-6)
     pushed = contrast(original, expert, 3.0).exp()  # 0.5 + 3 * (0.2, -0.1, -0.1) -> (1.1, 0, 0)
     assert torch.allclose(pushed, torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-6)
     assert torch.allclose(contrast(original, expert, 1.5).exp().sum(-1), torch.ones(1))
