@@ -163,8 +163,12 @@ def prompt_activations(
 ) -> dict[str, torch.Tensor]:
     """Two readings of the residual stream after each layer, from one forward pass, each
     ``[layer, prompt, d_model]``: ``"last"``, at the last prompt token (as ``last_token_activations``),
-    and ``"mean"``, averaged over the prompt's own tokens (as ``pooled_activations``)."""
-    from .models import by_length
+    and ``"mean"``, averaged over the prompt's own tokens (as ``pooled_activations``).
+
+    The chat opening before the request is the same for every prompt: it runs once per batch
+    (``models.prompt_forward``), and the hooks read only the pass over the rest, whose tokens are the
+    last columns of the left-padded batch."""
+    from .models import by_length, keeps_opening, prompt_forward
 
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else layers
@@ -174,10 +178,14 @@ def prompt_activations(
 
     def capture(_m, _in, out, i):
         x = residual(out)
-        weights = keep["mask"].to(x.dtype)
+        if x.shape[0] != len(keep["mask"]):
+            return  # the shared opening's own pass (one row): no request token in it
+        weights = keep["mask"][:, -x.shape[1] :].to(x.dtype)
         captured[i] = (x[:, -1], (x * weights[..., None]).sum(1) / weights.sum(1, keepdim=True))
 
-    hooks = [blocks[i].register_forward_hook(lambda m, a, o, i=i: capture(m, a, o, i)) for i in layers]
+    # read-only hooks that find the request's tokens in a pass that continues from the opening's cache
+    hooks = [blocks[i].register_forward_hook(keeps_opening(lambda m, a, o, i=i: capture(m, a, o, i), start))
+             for i in layers]
     order = by_length(tok, prompts)
     # each batch goes straight to its prompts' rows: no list of batches to concatenate and then reorder,
     # which held three copies of the result at once (04's peak, with a thousand prompts)
@@ -189,8 +197,7 @@ def prompt_activations(
             ids, mask = enc["input_ids"], enc["attention_mask"]
             first = ids.shape[1] - mask.sum(-1) + start  # left padding: where each request begins
             keep["mask"] = torch.arange(ids.shape[1])[None] >= first[:, None]
-            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                  logits_to_keep=1)
+            prompt_forward(model, enc)
             for j, kind in enumerate(("last", "mean")):
                 if kind not in result:
                     result[kind] = torch.empty(len(layers), len(prompts), captured[layers[0]][j].shape[-1])

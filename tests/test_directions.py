@@ -82,6 +82,13 @@ def test_pooled_activations_average_the_request_tokens(tiny_model, tok):
     assert torch.allclose(alone[:, 0], pooled[:, 0], atol=1e-4), "padding beside a longer prompt changes nothing"
     last = pooled_activations(tiny_model, tok, prompts[1:] + prompts[:1])
     assert torch.allclose(last[:, 1], pooled[:, 0], atol=1e-4), "results come back in the order of the prompts"
+    # prompts that open with the same words share more than the chat opening: those words still count
+    same_start = ["How do I bake bread?", "How do I boil an egg quickly?", "How do I"]
+    together = prompt_activations(tiny_model, tok, same_start, [0, 1])
+    for i, p in enumerate(same_start):
+        alone = prompt_activations(tiny_model, tok, [p], [0, 1])
+        assert torch.allclose(together["mean"][:, i], alone["mean"][:, 0], atol=1e-4), p
+        assert torch.allclose(together["last"][:, i], alone["last"][:, 0], atol=1e-4), p
 
 
 def test_prompt_activations_give_the_last_token_and_the_mean_in_one_pass(tiny_model, tok):
